@@ -1,0 +1,226 @@
+"""Layers the papers need and Flax lacks: LRN, geometry-checked convolution and pooling.
+
+Geometry: a window layer maps W to (W - F + 2P) / S + 1. When that is not an integer the
+hyper-parameters do not fit the input, and frameworks silently floor it (PAPER.md,
+"Geometry"). Here the layers raise `GeometryError` instead, naming the layer and the
+numbers, and the model decorator `checks_geometry` adds the nearest input size for which the
+whole model fits. `floor=True` restores the Keras/PyTorch habit of rounding down.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+__all__ = [
+    "GeometryError", "window_output_size", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
+    "lrn_from_pytorch", "lrn_from_tensorflow", "lrn_from_caffe", "checks_geometry",
+    "nearest_valid_input",
+]
+
+
+class GeometryError(ValueError):
+    """A window layer whose kernel, stride and padding do not tile its input exactly."""
+
+    def __init__(self, layer, size, kernel, stride, pad, axis, suggestion=None):
+        self.layer, self.size, self.kernel, self.stride, self.pad = layer, size, kernel, stride, pad
+        self.axis, self.suggestion = axis, suggestion
+        out = (size - kernel + 2 * pad) / stride + 1
+        msg = (f"{layer}: input {size} with kernel {kernel}, stride {stride}, padding {pad} gives "
+               f"({size} - {kernel} + 2*{pad})/{stride} + 1 = {out:g}, not a whole number.")
+        if suggestion is not None:
+            msg += f" Nearest input size that fits the whole model: {suggestion}."
+        msg += " Change the input size, or build the model with floor=True to round down."
+        super().__init__(msg)
+
+
+def window_output_size(size: int, kernel: int, stride: int, pad: int, *, layer: str = "layer",
+                       axis: int = 0, floor: bool = False) -> int:
+    """(W - F + 2P) / S + 1, raising `GeometryError` when it is not whole (unless `floor`)."""
+    span = size - kernel + 2 * pad
+    if span < 0:
+        raise GeometryError(layer, size, kernel, stride, pad, axis)
+    if span % stride and not floor:
+        raise GeometryError(layer, size, kernel, stride, pad, axis)
+    return span // stride + 1
+
+
+def _pairs(value, n=2) -> tuple:
+    return tuple(value) if isinstance(value, Sequence) else (value,) * n
+
+
+def _symmetric_pads(padding) -> tuple[int, int]:
+    """Per-axis symmetric padding as ints; 'VALID' is 0. Asymmetric or 'SAME' is not checked."""
+    if padding == "VALID":
+        return (0, 0)
+    if isinstance(padding, int):
+        return (padding, padding)
+    pads = []
+    for p in padding:
+        lo, hi = _pairs(p)
+        if lo != hi:
+            raise ValueError(f"asymmetric padding {padding} is not supported by checked layers")
+        pads.append(lo)
+    return tuple(pads)
+
+
+def _check_window(name, x, kernel, stride, pads, floor):
+    for axis, (size, k, s, p) in enumerate(zip(x.shape[-3:-1], kernel, stride, pads)):
+        window_output_size(size, k, s, p, layer=name, axis=axis, floor=floor)
+
+
+class Conv(nn.Conv):
+    """`flax.linen.Conv` whose geometry is checked (parameter paths stay `name/kernel`)."""
+
+    floor: bool = False
+
+    def __call__(self, inputs):
+        if self.padding != "SAME":
+            _check_window(self.name, inputs, self.kernel_size, _pairs(self.strides or 1),
+                          _symmetric_pads(self.padding), self.floor)
+        return super().__call__(inputs)
+
+
+class _Pool(nn.Module):
+    window: int = 3
+    stride: int = 2
+    padding: int = 0
+    floor: bool = False
+
+    def _checked(self, x):
+        _check_window(self.name, x, (self.window,) * 2, (self.stride,) * 2,
+                      (self.padding,) * 2, self.floor)
+        return dict(window_shape=(self.window,) * 2, strides=(self.stride,) * 2,
+                    padding=((self.padding,) * 2,) * 2)
+
+
+class MaxPool(_Pool):
+    """Max pooling as a named module, so it shows up in summaries (`pool1` ...).
+
+    Pads with -inf, as frameworks do, so padding never wins the max.
+    """
+
+    def __call__(self, x):
+        return nn.max_pool(x, **self._checked(x))
+
+
+class AvgPool(_Pool):
+    """Average pooling; padded cells are not counted (`count_include_pad=False`)."""
+
+    def __call__(self, x):
+        return nn.avg_pool(x, **self._checked(x), count_include_pad=False)
+
+
+class LocalResponseNorm(nn.Module):
+    """Local response normalisation, exactly Krizhevsky et al. (2012), section 3.3.
+
+    across channels (default):  b[i] = a[i] / (k + alpha * sum_{j=i-n//2}^{i+n//2} a[j]^2)^beta,
+    the sum clipped to the existing channels 0..N-1. `within_channel=True` sums instead over
+    the n x n spatial neighbourhood of the same channel (clipped at the border).
+
+    `alpha` is *not* divided by the window size, as in the paper and TensorFlow; PyTorch and
+    Caffe divide it by n (or n^2 within a channel). Use `lrn_from_pytorch`,
+    `lrn_from_tensorflow` or `lrn_from_caffe` to carry their settings over unchanged.
+    Computed in float32 whatever the input dtype: the squares underflow in bfloat16.
+    """
+
+    size: int = 5
+    k: float = 2.0
+    alpha: float = 1e-4
+    beta: float = 0.75
+    within_channel: bool = False
+
+    def __call__(self, x):
+        h = self.size // 2
+        sq = jnp.square(x.astype(jnp.float32))
+        if self.within_channel:
+            window, pad = (1, 2 * h + 1, 2 * h + 1, 1), ((0, 0), (h, h), (h, h), (0, 0))
+        else:
+            window, pad = (1, 1, 1, 2 * h + 1), ((0, 0), (0, 0), (0, 0), (h, h))
+        total = jax.lax.reduce_window(sq, 0.0, jax.lax.add, window, (1, 1, 1, 1), pad)
+        out = x.astype(jnp.float32) / (self.k + self.alpha * total) ** self.beta
+        return out.astype(x.dtype)
+
+
+def lrn_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:
+    """Settings of `torch.nn.LocalResponseNorm(size, alpha, beta, k)` for `LocalResponseNorm`.
+
+    PyTorch divides alpha by `size` and, for odd sizes, sums over the same centred window.
+    """
+    if size % 2 == 0:
+        raise ValueError(f"PyTorch LRN size {size} is even: its window is off-centre and has no "
+                         "equivalent in the paper's formula; use an odd size")
+    return dict(size=size, alpha=alpha / size, beta=beta, k=k)
+
+
+def lrn_from_tensorflow(depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0,
+                        beta: float = 0.5) -> dict:
+    """Settings of `tf.nn.local_response_normalization` (defaults are TF's own).
+
+    TensorFlow takes a radius (window 2r + 1) and does not divide alpha: the paper's n=5 is r=2.
+    """
+    return dict(size=2 * depth_radius + 1, alpha=alpha, beta=beta, k=bias)
+
+
+def lrn_from_caffe(local_size: int = 5, alpha: float = 1.0, beta: float = 0.75, k: float = 1.0,
+                   norm_region: str = "ACROSS_CHANNELS") -> dict:
+    """Settings of Caffe's LRN layer: alpha / n across channels, alpha / n^2 within a channel."""
+    if norm_region == "ACROSS_CHANNELS":
+        return dict(size=local_size, alpha=alpha / local_size, beta=beta, k=k)
+    if norm_region == "WITHIN_CHANNEL":
+        return dict(size=local_size, alpha=alpha / local_size**2, beta=beta, k=k,
+                    within_channel=True)
+    raise ValueError(f"unknown Caffe norm_region {norm_region!r}: use ACROSS_CHANNELS or WITHIN_CHANNEL")
+
+
+_SEARCHING = contextvars.ContextVar("cnn_jax_geometry_search", default=False)
+
+
+def nearest_valid_input(module: nn.Module, shape: Sequence[int], axis: int,
+                        max_distance: int = 64) -> int | None:
+    """Closest size along spatial `axis` of `shape` (NHWC) for which `module` builds exactly.
+
+    A square input keeps its shape: both sides move together.
+    """
+    axes = (1, 2) if shape[1] == shape[2] else (1 + axis,)
+    token = _SEARCHING.set(True)
+    try:
+        for d in range(1, max_distance + 1):
+            for size in (shape[1 + axis] + d, shape[1 + axis] - d):
+                if size < 1:
+                    continue
+                trial = list(shape)
+                trial[0] = 1
+                for a in axes:
+                    trial[a] = size
+                x = jax.ShapeDtypeStruct(tuple(trial), jnp.float32)
+                try:
+                    jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+                    return size
+                except GeometryError:
+                    continue
+        return None
+    finally:
+        _SEARCHING.reset(token)
+
+
+def checks_geometry(call):
+    """Decorates a model's `__call__` so geometry errors name a whole-model input size that fits."""
+
+    @functools.wraps(call)
+    def wrapper(self, x, *args, **kwargs):
+        try:
+            return call(self, x, *args, **kwargs)
+        except GeometryError as err:
+            if _SEARCHING.get() or err.suggestion is not None:
+                raise
+            size = nearest_valid_input(self.clone(parent=None), x.shape, err.axis)
+            raise GeometryError(err.layer, err.size, err.kernel, err.stride, err.pad, err.axis,
+                                size) from None
+
+    return wrapper

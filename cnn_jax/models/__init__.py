@@ -1,0 +1,62 @@
+"""Model registry: every architecture variant is a registered name, not a copy.
+
+    model = get_model("alexnet", num_classes=10, init_scheme="lecun")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable
+
+import flax.linen as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_FAMILIES = ("alexnet",)
+
+
+def register(name: str):
+    """Registers a module class or factory under `name` (decorator)."""
+
+    def add(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def _load_families():
+    for family in _FAMILIES:
+        importlib.import_module(f"{__name__}.{family}")
+
+
+def list_models() -> list[str]:
+    """Names accepted by `get_model`, sorted."""
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def _fields(factory) -> set[str]:
+    cls = getattr(factory, "func", factory)  # functools.partial of a module class
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def get_model(name: str, **overrides) -> nn.Module:
+    """Builds the registered model `name`, with dataclass fields replaced by `overrides`.
+
+    Unknown names and unknown fields are errors that list what is accepted.
+    """
+    _load_families()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    factory = _REGISTRY[name]
+    unknown = set(overrides) - _fields(factory)
+    if unknown:
+        raise ValueError(f"model {name!r} has no field(s) {sorted(unknown)}; "
+                         f"its fields are {sorted(_fields(factory))}")
+    return factory(**overrides)

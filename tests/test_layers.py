@@ -1,0 +1,142 @@
+"""LRN against independent NumPy transcriptions of each framework's formula; geometry checks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import layers
+from cnn_jax.layers import GeometryError, LocalResponseNorm
+
+
+def paper_lrn_numpy(a, n=5, k=2.0, alpha=1e-4, beta=0.75):
+    """Krizhevsky et al. (2012) eq. in section 3.3, written as loops over channels (NHWC)."""
+    N = a.shape[-1]
+    b = np.empty_like(a, dtype=np.float64)
+    for i in range(N):
+        lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
+        s = (a[..., lo:hi + 1].astype(np.float64) ** 2).sum(-1)
+        b[..., i] = a[..., i] / (k + alpha * s) ** beta
+    return b
+
+
+def tf_lrn_numpy(a, depth_radius, bias, alpha, beta):
+    """tf.nn.local_response_normalization as documented: sqr_sum over d-r..d+r, no division."""
+    N = a.shape[-1]
+    out = np.empty_like(a, dtype=np.float64)
+    for d in range(N):
+        s = (a[..., max(0, d - depth_radius):d + depth_radius + 1].astype(np.float64) ** 2).sum(-1)
+        out[..., d] = a[..., d] / (bias + alpha * s) ** beta
+    return out
+
+
+def caffe_within_numpy(a, n, alpha, beta, k):
+    """Caffe WITHIN_CHANNEL: average pooling of a^2 with pad (n-1)/2 divides by n*n everywhere."""
+    h = n // 2
+    sq = np.pad(a.astype(np.float64) ** 2, ((0, 0), (h, h), (h, h), (0, 0)))
+    H, W = a.shape[1:3]
+    s = np.zeros_like(a, dtype=np.float64)
+    for dy in range(n):
+        for dx in range(n):
+            s += sq[:, dy:dy + H, dx:dx + W, :]
+    return a / (k + alpha * s / (n * n)) ** beta
+
+
+@pytest.fixture
+def activations():
+    # Large values so that the normaliser is far from k and the test is sensitive to alpha.
+    return np.random.default_rng(0).normal(0, 30.0, size=(2, 5, 6, 11)).astype(np.float32)
+
+
+def apply_lrn(x, **kw):
+    return np.asarray(LocalResponseNorm(**kw).apply({}, jnp.asarray(x)))
+
+
+def test_lrn_matches_paper_formula(activations):
+    chex.assert_trees_all_close(apply_lrn(activations), paper_lrn_numpy(activations), rtol=1e-5)
+
+
+def test_lrn_actually_normalises(activations):
+    # Guard against a test that cannot fail: the output differs from the input by much more
+    # than the tolerance above.
+    assert np.abs(apply_lrn(activations) - activations).max() > 1.0
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7])
+def test_lrn_window_sizes(activations, n):
+    chex.assert_trees_all_close(apply_lrn(activations, size=n, alpha=1e-3),
+                                paper_lrn_numpy(activations, n=n, alpha=1e-3), rtol=1e-5)
+
+
+def test_lrn_tensorflow_mapping(activations):
+    kw = layers.lrn_from_tensorflow(depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
+    assert kw["size"] == 5  # the paper's n = 5 is TF's radius 2
+    chex.assert_trees_all_close(apply_lrn(activations, **kw),
+                                tf_lrn_numpy(activations, 2, 2.0, 1e-4, 0.75), rtol=1e-5)
+
+
+def test_lrn_caffe_mapping_across(activations):
+    # Caffe divides alpha by n: the paper's alpha = 1e-4 is Caffe's alpha = 5e-4 with n = 5.
+    kw = layers.lrn_from_caffe(local_size=5, alpha=5e-4, beta=0.75, k=2.0)
+    chex.assert_trees_all_close(apply_lrn(activations, **kw), paper_lrn_numpy(activations), rtol=1e-5)
+
+
+def test_lrn_caffe_mapping_within(activations):
+    kw = layers.lrn_from_caffe(local_size=3, alpha=1e-2, beta=0.75, k=1.0, norm_region="WITHIN_CHANNEL")
+    chex.assert_trees_all_close(apply_lrn(activations, **kw),
+                                caffe_within_numpy(activations, 3, 1e-2, 0.75, 1.0), rtol=1e-5)
+
+
+def test_lrn_keeps_dtype_and_is_float32_inside():
+    x = jnp.full((1, 2, 2, 5), 100.0, jnp.bfloat16)
+    y = LocalResponseNorm().apply({}, x)
+    assert y.dtype == jnp.bfloat16
+    ref = paper_lrn_numpy(np.full((1, 2, 2, 5), 100.0, np.float32))
+    chex.assert_trees_all_close(np.asarray(y, np.float32), ref, rtol=1e-2)
+
+
+def test_lrn_pytorch_mapping(activations):
+    torch = pytest.importorskip("torch")
+    kw = layers.lrn_from_pytorch(size=5, alpha=5e-4, beta=0.75, k=2.0)
+    ref = torch.nn.functional.local_response_norm(
+        torch.from_numpy(activations).permute(0, 3, 1, 2), size=5, alpha=5e-4, beta=0.75, k=2.0)
+    chex.assert_trees_all_close(apply_lrn(activations, **kw),
+                                ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_pytorch_even_size_is_refused():
+    with pytest.raises(ValueError, match="even"):
+        layers.lrn_from_pytorch(size=4)
+
+
+@pytest.mark.parametrize("w,f,p,s,out", [(227, 11, 0, 4, 55), (55, 3, 0, 2, 27), (27, 5, 2, 1, 27),
+                                          (13, 3, 1, 1, 13), (13, 3, 0, 2, 6), (32, 5, 0, 1, 28)])
+def test_window_output_size(w, f, p, s, out):
+    assert layers.window_output_size(w, f, s, p) == out == (w - f + 2 * p) / s + 1
+
+
+def test_window_output_size_rejects_fraction():
+    # PAPER.md: W=10, F=3, P=0, S=2 gives 4.5.
+    with pytest.raises(GeometryError, match=r"4\.5") as info:
+        layers.window_output_size(10, 3, 2, 0, layer="convX")
+    assert "convX" in str(info.value)
+    assert layers.window_output_size(10, 3, 2, 0, floor=True) == 4
+
+
+def test_conv_and_pool_layers_check_geometry():
+    x = jnp.zeros((1, 10, 10, 1))
+    with pytest.raises(GeometryError, match="pool"):
+        layers.MaxPool(3, 2, name="pool").init(jax.random.key(0), x)
+    conv = layers.Conv(2, (3, 3), strides=2, padding=0, name="c")
+    with pytest.raises(GeometryError, match="c: input 10"):
+        conv.init(jax.random.key(0), x)
+    floor = layers.Conv(2, (3, 3), strides=2, padding=0, floor=True)
+    out, _ = floor.init_with_output(jax.random.key(0), x)
+    chex.assert_shape(out, (1, 4, 4, 2))
+
+
+def test_avg_pool_does_not_count_padding():
+    x = jnp.ones((1, 3, 3, 1))
+    y = layers.AvgPool(3, 1, padding=1).apply({}, x)
+    chex.assert_trees_all_close(y, jnp.ones_like(y))
