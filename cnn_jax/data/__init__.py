@@ -1,0 +1,1 @@
+"""Datasets (tensorflow-datasets), pure image transforms, and the input pipeline."""

@@ -1,0 +1,112 @@
+"""Input pipeline on grain: shuffling, augmentation, batching. The only module that knows grain.
+
+The training stream is a grain `DataLoader` over the split's random-access source: an
+`IndexSampler` shuffles with a per-epoch permutation derived from the seed, random crops
+draw from a per-record generator, so the stream is a pure function of (seed, position) and
+its iterator state, saved in checkpoints, resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import grain
+import numpy as np
+from tqdm.auto import tqdm
+
+from cnn_jax.data import transforms
+from cnn_jax.data.sources import Split
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """The paper's preprocessing: resize the shorter side to `resize_size`, centre square,
+    subtract the mean image, then a random (train) or central (eval) `input_size` crop."""
+
+    input_size: int = 227
+    resize_size: int = 256
+    flip: bool = True
+
+
+def decode(record: dict, spec: ImageSpec) -> np.ndarray:
+    """uint8 RGB, shorter side resized and centre-cropped to resize_size x resize_size."""
+    image = transforms.grey_to_rgb(np.asarray(record["image"]))
+    image = transforms.resize_shorter(image, spec.resize_size)
+    return transforms.central_crop(image, spec.resize_size)
+
+
+def mean_image(split: Split, spec: ImageSpec) -> np.ndarray:
+    """Per-pixel mean of the decoded training images, float32; cached beside the dataset."""
+    path = pathlib.Path(split.cache_dir) / f"mean_image_{split.split}_{spec.resize_size}.npy"
+    if path.exists():
+        return np.load(path)
+    total = np.zeros((spec.resize_size, spec.resize_size, 3), np.float64)
+    for i in tqdm(range(len(split)), desc=f"mean image of {split.name}/{split.split}", leave=False):
+        total += decode(split.source[i], spec)
+    mean = (total / max(len(split), 1)).astype(np.float32)
+    try:
+        np.save(path, mean)
+    except OSError as err:  # read-only data dir: keep going without the cache
+        logging.warning("could not cache the mean image at %s (%s)", path, err)
+    return mean
+
+
+class _Preprocess(grain.transforms.RandomMap):
+    """decode -> minus mean image -> crop (+ flip when training)."""
+
+    def __init__(self, spec: ImageSpec, mean: np.ndarray, train: bool):
+        self.spec, self.mean, self.train = spec, mean, train
+
+    def __repr__(self):  # stable across processes, as grain's workers require
+        return f"_Preprocess({self.spec}, train={self.train})"
+
+    def random_map(self, record, rng: np.random.Generator):
+        image = decode(record, self.spec).astype(np.float32) / 255.0 - self.mean / 255.0
+        if self.train:
+            image = transforms.random_crop_flip(image, self.spec.input_size, rng, self.spec.flip)
+        else:
+            image = transforms.central_crop(image, self.spec.input_size)
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
+
+
+def train_loader(split: Split, spec: ImageSpec, mean: np.ndarray, *, batch_size: int, seed: int,
+                 worker_count: int = 0, shard_index: int = 0, shard_count: int = 1) -> grain.DataLoader:
+    """An endless, shuffled, augmented stream of full batches (this host's shard)."""
+    if len(split) < batch_size * shard_count:
+        raise ValueError(f"{split.name}/{split.split} has {len(split)} examples, fewer than one "
+                         f"global batch of {batch_size * shard_count}: lower --config.batch_size")
+    shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(len(split), shard_options=shard, shuffle=True,
+                                          num_epochs=None, seed=seed)
+    ops = [_Preprocess(spec, mean, train=True), grain.transforms.Batch(batch_size, drop_remainder=True)]
+    return grain.DataLoader(data_source=split.source, sampler=sampler, operations=ops,
+                            worker_count=worker_count)
+
+
+def eval_batches(split: Split, spec: ImageSpec, mean: np.ndarray, *, batch_size: int,
+                 limit: int | None = None):
+    """One pass over the split in order, every batch padded to `batch_size` with a 0/1 'mask'
+    (so evaluation compiles once and counts every example exactly once)."""
+    n = min(len(split), limit or len(split))
+    sampler = grain.samplers.IndexSampler(n, shuffle=False, num_epochs=1, seed=0)
+    loader = grain.DataLoader(data_source=split.source, sampler=sampler,
+                              operations=[_Preprocess(spec, mean, train=False),
+                                          grain.transforms.Batch(batch_size, drop_remainder=False)])
+    for batch in loader:
+        size = len(batch["label"])
+        pad = batch_size - size
+        yield {"image": np.pad(batch["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+               "label": np.pad(batch["label"], (0, pad)),
+               "mask": np.pad(np.ones(size, np.float32), (0, pad))}
+
+
+def iterator_save_args(iterator):
+    """orbax checkpoint args that save the stream's position."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def iterator_restore_args(iterator):
+    """orbax checkpoint args that restore the stream's position into `iterator`."""
+    return grain.checkpoint.CheckpointRestore(iterator)

@@ -1,0 +1,239 @@
+"""Train state, pure train/eval steps, and `train_and_evaluate(config, workdir)`.
+
+The steps are pure functions of (state, batch, rng): dropout keys come from
+`fold_in(rng, state.step)`, not from the state, so a resumed run draws the same masks as an
+uninterrupted one. Models may return logits, or a dict {'logits', 'aux_logits'} (auxiliary
+heads, weighted by `aux_weight` in the loss), and may keep 'batch_stats': the step handles
+all of these without model-specific branches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from tqdm.auto import tqdm
+
+from cnn_jax import metrics, optim
+from cnn_jax.checkpoint import Checkpointer
+from cnn_jax.data import pipeline
+from cnn_jax.data.sources import open_split
+from cnn_jax.models import get_model
+from cnn_jax.writers import MetricWriter
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message gives the step."""
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    plateau: optim.PlateauState  # the paper's manual schedule, checkpointed with the rest
+    apply_fn: Any = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def _plateau_arrays(p: optim.PlateauState) -> optim.PlateauState:
+    return optim.PlateauState(np.asarray(p.best, np.float32), np.asarray(p.bad_evals, np.int32),
+                              np.asarray(p.drops, np.int32), np.asarray(p.scale, np.float32))
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       input_shape: tuple) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      plateau=_plateau_arrays(optim.PlateauState()), apply_fn=model.apply, tx=tx)
+
+
+def _split_outputs(out):
+    if isinstance(out, dict):
+        return out["logits"], tuple(out.get("aux_logits", ()))
+    return out, ()
+
+
+def _variables(state: TrainState, params):
+    return {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
+
+
+def loss_and_metrics(state: TrainState, params, batch, rng, aux_weight: float):
+    """Mean cross-entropy (+ aux_weight x each auxiliary head's), and batch top-1/5 error."""
+    mutable = ["batch_stats"] if state.batch_stats else False
+    out = state.apply_fn(_variables(state, params), batch["image"], train=True,
+                         rngs={"dropout": rng}, mutable=mutable)
+    out, updates = out if mutable else (out, {})
+    logits, aux = _split_outputs(out)
+    loss = metrics.cross_entropy(logits, batch["label"]).mean()
+    for aux_logits in aux:
+        loss += aux_weight * metrics.cross_entropy(aux_logits, batch["label"]).mean()
+    stats = {"loss": loss, "top1_error": metrics.topk_error(logits, batch["label"], 1).mean(),
+             "top5_error": metrics.topk_error(logits, batch["label"], 5).mean()}
+    return loss, (stats, updates)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float = 0.3):
+    """One optimiser step. Pure: jit it (`make_train_step`) with the state donated."""
+    rng = jax.random.fold_in(rng, state.step)
+    grad_fn = jax.grad(loss_and_metrics, argnums=1, has_aux=True)
+    grads, (stats, updates) = grad_fn(state, state.params, batch, rng, aux_weight)
+    param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+                          opt_state=opt_state, batch_stats=updates.get("batch_stats", state.batch_stats))
+    stats["learning_rate"] = optim.current_learning_rate(opt_state)
+    return state, stats
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Sums over the batch of loss and top-1/top-5 errors, counting only mask == 1 examples."""
+    out = state.apply_fn(_variables(state, state.params), batch["image"], train=False)
+    logits, _ = _split_outputs(out)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    return {"loss": jnp.sum(metrics.cross_entropy(logits, batch["label"]) * mask),
+            "top1_error": jnp.sum(metrics.topk_error(logits, batch["label"], 1) * mask),
+            "top5_error": jnp.sum(metrics.topk_error(logits, batch["label"], 5) * mask),
+            "count": jnp.sum(mask)}
+
+
+def make_train_step(aux_weight: float = 0.3):
+    return jax.jit(functools.partial(train_step, aux_weight=aux_weight), donate_argnums=(0,))
+
+
+make_eval_step = functools.cache(lambda: jax.jit(eval_step))
+
+
+def evaluate(state: TrainState, batches, eval_fn=None) -> dict:
+    """Mean loss and top-1/top-5 error over `batches` (dicts with 'mask')."""
+    eval_fn = eval_fn or make_eval_step()
+    sums = {"loss": metrics.Mean(), "top1_error": metrics.Mean(), "top5_error": metrics.Mean()}
+    for batch in batches:
+        out = jax.device_get(eval_fn(state, batch))
+        for key, mean in sums.items():
+            mean.add(out[key], out["count"])
+    return {key: mean.value for key, mean in sums.items()}
+
+
+def check_finite(loss: float, step: int):
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss} at step {step}: lower --config.learning_rate or "
+                                 "check the data; checkpoints written so far are kept")
+
+
+def _total_steps(config, steps_per_epoch: int) -> int:
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return max(1, round(config.num_epochs * steps_per_epoch))
+
+
+def _make_optimizer(config, total_steps: int):
+    schedule = optim.make_schedule(config.schedule, config.learning_rate, total_steps=total_steps,
+                                   boundaries=tuple(config.step_boundaries), factor=config.lr_drop_factor,
+                                   warmup_steps=config.warmup_steps)
+    return optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                weight_decay=config.weight_decay, decay=config.decay_mask)
+
+
+def _after_eval(state: TrainState, error: float, config) -> TrainState:
+    """The paper's schedule: divide the rate by 10 when validation error stops improving."""
+    if config.schedule != "plateau":
+        return state
+    plateau = optim.plateau_update(state.plateau, error, patience=config.plateau_patience,
+                                   factor=config.lr_drop_factor, max_drops=config.plateau_max_drops)
+    if plateau.scale != float(state.plateau.scale):
+        logging.info("validation error %.4f did not improve: learning rate x%g", error, plateau.scale)
+    return state.replace(plateau=_plateau_arrays(plateau),
+                         opt_state=optim.set_lr_scale(state.opt_state, plateau.scale))
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics.
+
+    Writes workdir/checkpoints (orbax), workdir/tensorboard and workdir/metrics.jsonl.
+    Ctrl-C saves a checkpoint at the current step before it stops.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip)
+    train_split = open_split(config.dataset, config.train_split, config.data_dir)
+    eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
+    mean = pipeline.mean_image(train_split, spec)
+    model = get_model(config.model_name, num_classes=train_split.num_classes, **config.model.to_dict())
+    steps_per_epoch = max(1, len(train_split) // config.batch_size)
+    total_steps = _total_steps(config, steps_per_epoch)
+    eval_every = config.eval_every_steps or steps_per_epoch
+    root_key = jax.random.key(config.seed)
+    state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, total_steps),
+                               (config.input_size, config.input_size, 3))
+    data_iter = iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size,
+                                           seed=config.seed, worker_count=config.workers))
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                        keep=config.keep_checkpoints)
+    state, resumed = ckpt.restore_latest(state, data_iter)
+    if resumed is not None:
+        print(f"resumed from {ckpt.directory}/{resumed} (step {int(state.step)} of {total_steps})")
+    writer = MetricWriter(workdir)
+    step_fn, eval_fn = make_train_step(config.aux_weight), make_eval_step()
+    dropout_key = jax.random.fold_in(root_key, 1)
+
+    def run_eval(state):
+        batches = pipeline.eval_batches(eval_split, spec, mean, batch_size=config.eval_batch_size,
+                                        limit=config.eval_limit or None)
+        return evaluate(state, batches, eval_fn)
+
+    step, window, wait, result = int(state.step), [], 0.0, {}
+    bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",
+               unit="step", dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            t0, position = time.perf_counter(), data_iter.get_state()
+            batch = next(data_iter)
+            t1 = time.perf_counter()
+            state, stats = step_fn(state, batch, dropout_key)
+            stats = jax.device_get(stats)
+            step = int(state.step)
+            check_finite(float(stats["loss"]), step)
+            wait_frac = (t1 - t0) / (time.perf_counter() - t0)
+            window.append(stats | {"data_wait": wait_frac, "seconds": time.perf_counter() - t0})
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{config.batch_size / window[-1]['seconds']:.1f}",
+                            wait=f"{wait_frac:.0%}", refresh=False)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                means["images_per_second"] = config.batch_size / means.pop("seconds")
+                writer.write(step, {f"train/{k}": v for k, v in means.items()})
+                window = []
+            if step % eval_every == 0 or step == total_steps:
+                result = run_eval(state)
+                writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+                bar.write(f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
+                          f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
+                if step % eval_every == 0:  # the cadence alone drives the schedule, so a run
+                    state = _after_eval(state, result["top1_error"], config)  # cut short resumes equal
+            ckpt.save(step, state, data_iter, force=step == total_steps)
+    except KeyboardInterrupt:
+        if int(state.step) == step:  # the batch drawn for the unfinished step is drawn again
+            data_iter.set_state(position)
+        bar.write(f"interrupted: saving step {step} to {ckpt.directory}; run the same command to resume")
+        ckpt.save(step, state, data_iter, force=True)
+        raise
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if not result:  # resumed at the end: evaluate what was restored
+        result = run_eval(state)
+    return {"step": step, **result, "workdir": str(workdir), "checkpoints": str(ckpt.directory),
+            "tensorboard": str(writer.tb_dir), "metrics_log": str(writer.jsonl_path)}

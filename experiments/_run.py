@@ -1,0 +1,96 @@
+"""Shared entry point: `python -m experiments.<name> [--workdir=DIR] [--config.key=value ...]`.
+
+Each experiment module defines `get_config()` and calls `run(get_config)`; the flags
+`--config.x=...` override declared keys only (the config is locked: a typo is an error).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_dict, config_flags
+
+from cnn_jax.data.sources import DatasetError
+from cnn_jax.train import NonFiniteLossError, train_and_evaluate
+
+
+def smoke(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """A seconds-long version of `config` for tests and quick checks: few steps, small eval."""
+    with config.unlocked():
+        config.num_train_steps = config.num_train_steps or 3
+        config.batch_size = min(config.batch_size, 8)
+        config.eval_batch_size = min(config.eval_batch_size, 16)
+        config.eval_limit = 32
+        config.eval_every_steps = 3
+        config.log_every_steps = 1
+        config.checkpoint_every_steps = 3
+    return config
+
+
+def _main(argv, describe):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.key=value")
+    config = flags.FLAGS.config
+    if config.smoke:
+        config = smoke(config)
+    workdir = flags.FLAGS.workdir or f"runs/{config.model_name}_{config.dataset}"
+    print(describe(config))
+    try:
+        result = train_and_evaluate(config, workdir)
+    except (DatasetError, NonFiniteLossError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"\nfinished at step {result['step']}: validation top-1 error {result['top1_error']:.1%}, "
+          f"top-5 error {result['top5_error']:.1%} (loss {result['loss']:.3f})")
+    for key in ("checkpoints", "tensorboard", "metrics_log"):
+        print(f"  {key:<12} {result[key]}")
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
+    return 0
+
+
+def _keys(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, config_dict.ConfigDict):
+            yield from _keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _unknown_key_error(argv, known) -> str | None:
+    """A one-line error for the first --config.key that the config does not declare."""
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg.split("=")[0].removeprefix("--config.")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean --config.{close[0]}?" if close else ""
+            return f"error: unknown config key --config.{key}{hint} (keys: {', '.join(sorted(known))})"
+    return None
+
+
+def _parse_flags(argv):
+    """absl parsing, with an ill-typed value as one line rather than a usage dump."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(get_config, describe=lambda config: str(config)):
+    """Defines the flags and runs training under absl."""
+    config = get_config()
+    message = _unknown_key_error(sys.argv, list(_keys(config)))
+    if message:  # ml_collections would raise a multi-line AttributeError while defining the flag
+        print(message, file=sys.stderr)
+        sys.exit(2)
+    config_flags.DEFINE_config_dict("config", config, lock_config=True)
+    flags.DEFINE_string("workdir", None, "output folder; a run there resumes (default runs/<model>_<dataset>)")
+    logging.set_verbosity(logging.WARNING)
+    app.run(lambda argv: sys.exit(_main(argv, describe)), flags_parser=_parse_flags)

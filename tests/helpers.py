@@ -1,0 +1,16 @@
+"""Small configurations shared by the training tests."""
+
+from experiments.alexnet import get_config
+
+
+def tiny_config(data_dir, **overrides):
+    """AlexNet on digits at 67x67 (the smallest input near 64 that its geometry allows)."""
+    config = get_config()
+    config.data_dir = str(data_dir)
+    config.input_size, config.resize_size = 67, 72
+    config.batch_size, config.eval_batch_size = 8, 16
+    config.eval_limit, config.eval_every_steps = 16, 2
+    config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 4, 2, 1
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config

@@ -1,0 +1,63 @@
+"""`python -m experiments.alexnet` end to end, as a user runs it (subprocesses)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TINY = ["--config.input_size=67", "--config.resize_size=72", "--config.smoke=True"]
+
+
+def run_cli(args, data_dir, **kw):
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, "-m", "experiments.alexnet", *args], env=env,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
+    proc = run_cli(["--config.smoke=True", f"--workdir={tmp_path}"], data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "finished at step 3" in proc.stdout
+    assert "LeCun-normal" in proc.stdout  # the departure from the paper is said plainly
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.0 <= summary["top1_error"] <= 1.0
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/images_per_second", "train/data_wait"} <= set(logged[0])
+    assert any("eval/top5_error" in entry for entry in logged)
+
+
+@pytest.mark.parametrize("flag,needle", [("--config.batch_sise=4", "did you mean --config.batch_size"),
+                                         ("--config.batch_size=abc", "batch_size"),
+                                         ("--config.dataset=nosuchset", "unknown dataset")])
+def test_bad_flags_give_one_line_errors(data_dir, tmp_path, flag, needle):
+    proc = run_cli([flag, f"--workdir={tmp_path}"], data_dir)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY,
+                             "--config.num_train_steps=500", f"--workdir={tmp_path}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saving step" in err + out
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3
+    again = run_cli([*TINY, f"--config.num_train_steps={steps[-1] + 1}", f"--workdir={tmp_path}"], data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/{steps[-1]}" in again.stdout
+    assert f"finished at step {steps[-1] + 1}" in again.stdout

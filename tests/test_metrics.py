@@ -1,0 +1,39 @@
+import numpy as np
+import jax.numpy as jnp
+import pytest
+
+from cnn_jax import metrics
+
+
+def numpy_topk_error(logits, labels, k):
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return np.array([label not in row for row, label in zip(top, labels)], np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_topk_error_matches_argsort(k):
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(200, 10)).astype(np.float32), rng.integers(0, 10, 200)
+    np.testing.assert_array_equal(metrics.topk_error(jnp.asarray(logits), jnp.asarray(labels), k),
+                                  numpy_topk_error(logits, labels, k))
+
+
+def test_topk_error_hand_example():
+    logits = jnp.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    labels = jnp.array([2, 2])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 1), [1, 1])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 2), [0, 1])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 3), [0, 0])
+
+
+def test_cross_entropy_hand_value():
+    logits = jnp.log(jnp.array([[0.25, 0.75]]))
+    np.testing.assert_allclose(metrics.cross_entropy(logits, jnp.array([1])), [-np.log(0.75)], rtol=1e-6)
+
+
+def test_running_mean_is_weighted():
+    mean = metrics.Mean()
+    assert np.isnan(mean.value)
+    mean.add(3.0, 4)  # 4 examples summing to 3
+    mean.add(1.0, 1)
+    assert mean.value == pytest.approx(4.0 / 5)
