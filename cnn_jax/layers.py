@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 __all__ = [
-    "GeometryError", "window_output_size", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
+    "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
     "lrn_from_pytorch", "lrn_from_tensorflow", "lrn_from_caffe", "checks_geometry",
     "nearest_valid_input",
 ]
@@ -69,7 +69,8 @@ def _symmetric_pads(padding) -> tuple[int, int]:
     return tuple(pads)
 
 
-def _check_window(name, x, kernel, stride, pads, floor):
+def check_window(name, x, kernel, stride, pads, floor):
+    """Checks both spatial axes of NHWC `x` for a window layer; raises `GeometryError`."""
     for axis, (size, k, s, p) in enumerate(zip(x.shape[-3:-1], kernel, stride, pads)):
         window_output_size(size, k, s, p, layer=name, axis=axis, floor=floor)
 
@@ -81,7 +82,7 @@ class Conv(nn.Conv):
 
     def __call__(self, inputs):
         if self.padding != "SAME":
-            _check_window(self.name, inputs, self.kernel_size, _pairs(self.strides or 1),
+            check_window(self.name, inputs, self.kernel_size, _pairs(self.strides or 1),
                           _symmetric_pads(self.padding), self.floor)
         return super().__call__(inputs)
 
@@ -89,14 +90,17 @@ class Conv(nn.Conv):
 class _Pool(nn.Module):
     window: int = 3
     stride: int = 2
-    padding: int = 0
+    padding: int | str = 0  # symmetric cells, or 'SAME' (output ceil(W / S), as in TF/DistBelief)
     floor: bool = False
 
     def _checked(self, x):
-        _check_window(self.name, x, (self.window,) * 2, (self.stride,) * 2,
-                      (self.padding,) * 2, self.floor)
-        return dict(window_shape=(self.window,) * 2, strides=(self.stride,) * 2,
-                    padding=((self.padding,) * 2,) * 2)
+        if self.padding == "SAME":
+            padding = "SAME"
+        else:
+            check_window(self.name, x, (self.window,) * 2, (self.stride,) * 2,
+                          (self.padding,) * 2, self.floor)
+            padding = ((self.padding,) * 2,) * 2
+        return dict(window_shape=(self.window,) * 2, strides=(self.stride,) * 2, padding=padding)
 
 
 class MaxPool(_Pool):

@@ -5,10 +5,11 @@ spent and no memory is allocated), never typed in:
 
     python -m cnn_jax.summary alexnet
     python -m cnn_jax.summary alexnet --size 224 --set floor=True
+    python -m cnn_jax.summary --reductions     # the cost of Inception's 1x1 reductions
 
-Counting rules. A layer with a `kernel` of shape (..., in_per_group, out) does
-`kernel.size / out` multiply-adds per output element (so grouped convolutions count only
-their group). A bias adds one addition per output element; it is reported separately so
+Counting rules. A layer with a `kernel` and C output channels does `kernel.size / C`
+multiply-adds per output element: every weight is used once per output position (so
+grouped and partially connected convolutions count only their connections). A bias adds one addition per output element; it is reported separately so
 that both conventions can be printed: all biases counted, or the lecture table's, which
 leaves the fully connected layers' biases out of both parameters and multiply-adds
 (AlexNet: 62,369,152 parameters and 1,135,906,176 multiply-adds).
@@ -37,12 +38,13 @@ class LayerRow:
     bias_params: int
     macs: int  # multiply-adds of the weights, per example
     bias_adds: int  # additions of the bias, per example
+    state: int = 0  # non-trainable variables (batch-norm running statistics)
 
 
 def _trace_calls(model: nn.Module, x: jax.ShapeDtypeStruct, call_kwargs: dict):
     """Abstract init, then an abstract apply that records each module's output in call order."""
     variables = jax.eval_shape(functools.partial(model.init, **call_kwargs), jax.random.key(0), x)
-    calls: dict[tuple, tuple] = {}
+    calls: dict[tuple, tuple | None] = {}
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -58,7 +60,7 @@ def _trace_calls(model: nn.Module, x: jax.ShapeDtypeStruct, call_kwargs: dict):
             return model.apply(v, inputs, **call_kwargs)
 
     jax.eval_shape(apply, variables, x)
-    return variables.get("params", {}), calls
+    return variables, calls
 
 
 def _subtree(tree, path):
@@ -75,7 +77,8 @@ def layer_table(model: nn.Module, input_shape=None, **call_kwargs) -> list[Layer
     call_kwargs.setdefault("train", False)
     input_shape = input_shape or model.input_shape
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    params, calls = _trace_calls(model, x, call_kwargs)
+    variables, calls = _trace_calls(model, x, call_kwargs)
+    params, stats = variables.get("params", {}), variables.get("batch_stats", {})
     paths = [p for p, v in calls.items() if v is not None]
     leaves = [p for p in paths if not any(q != p and q[: len(p)] == p for q in paths)]
     rows = []
@@ -85,12 +88,13 @@ def layer_table(model: nn.Module, input_shape=None, **call_kwargs) -> list[Layer
         n_params = sum(a.size for a in jax.tree.leaves(own))
         outputs = math.prod(out_shape)
         kernel, bias = own.get("kernel") if own else None, own.get("bias") if own else None
-        macs = outputs * (kernel.size // kernel.shape[-1]) if kernel is not None else 0
+        macs = outputs * kernel.size // out_shape[-1] if kernel is not None else 0
         if kernel is not None:
             kind = "conv" if kernel.ndim > 2 else "fc"
         rows.append(LayerRow("/".join(path), kind, out_shape, n_params,
                              bias.size if bias is not None else 0, macs,
-                             outputs if bias is not None else 0))
+                             outputs if bias is not None else 0,
+                             sum(a.size for a in jax.tree.leaves(_subtree(stats, path)))))
     return rows
 
 
@@ -100,6 +104,7 @@ class Totals:
     macs: int
     conv_params: int
     conv_macs: int
+    state: int = 0
 
 
 def totals(rows: list[LayerRow], *, fc_biases: bool = True) -> Totals:
@@ -116,7 +121,7 @@ def totals(rows: list[LayerRow], *, fc_biases: bool = True) -> Totals:
     sums = [counted(r) for r in rows]
     conv = [s for s, r in zip(sums, rows) if r.kind == "conv"]
     return Totals(sum(p for p, _ in sums), sum(m for _, m in sums),
-                  sum(p for p, _ in conv), sum(m for _, m in conv))
+                  sum(p for p, _ in conv), sum(m for _, m in conv), sum(r.state for r in rows))
 
 
 def format_table(rows: list[LayerRow], title: str = "") -> str:
@@ -131,6 +136,9 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
     full, lecture = totals(rows), totals(rows, fc_biases=False)
     lines.append(f"{'total, all biases':<46}{full.params:>14,}{full.macs:>16,}")
     lines.append(f"{'total, fc biases left out (lecture)':<46}{lecture.params:>14,}{lecture.macs:>16,}")
+    if full.state:
+        lines.append(f"{'non-trainable state (batch-norm statistics)':<46}{full.state:>14,}")
+        lines.append(f"{'parameters + state (Keras: Total params)':<46}{full.params + full.state:>14,}")
     if full.params and full.macs:
         cp, cm = full.conv_params / full.params, full.conv_macs / full.macs
         lines.append(f"conv layers: {cp:.1%} of parameters, {cm:.1%} of multiply-adds; "
@@ -151,15 +159,35 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def reductions_report() -> str:
+    """28x28x192 -> 28x28x32 with 5x5 kernels, directly and through a 16-channel 1x1
+    reduction, counted from the two networks (the lecture: ~120 M vs ~12.4 M)."""
+    from cnn_jax.models.googlenet import ReductionExample
+
+    direct = totals(layer_table(ReductionExample(0))).macs
+    reduced = layer_table(ReductionExample(16))
+    parts = " + ".join(f"{r.macs:,} ({r.path})" for r in reduced)
+    total = totals(reduced).macs
+    return (f"28x28x192 -> 28x28x32, 5x5 'same' convolution, multiplications:\n"
+            f"  direct:                    {direct:,}\n"
+            f"  via a 1x1 to 16 channels:  {parts} = {total:,}  ({direct / total:.1f}x fewer)")
+
+
 def main(argv=None) -> int:
     from cnn_jax.models import get_model, list_models
 
     parser = argparse.ArgumentParser(prog="python -m cnn_jax.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--reductions", action="store_true", help="print the 1x1-reduction cost example")
     parser.add_argument("--size", type=int, default=None, help="input height = width (default: the model's own)")
     parser.add_argument("--channels", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="model overrides")
     args = parser.parse_args(argv)
+    if args.reductions:
+        print(reductions_report())
+        return 0
+    if not args.model:
+        parser.error("name a model, or pass --reductions")
     try:
         model = get_model(args.model, **_parse_overrides(args.set))
         height, width, channels = model.input_shape

@@ -166,7 +166,7 @@ def train_and_evaluate(config, workdir) -> dict:
     """
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip)
+    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels)
     train_split = open_split(config.dataset, config.train_split, config.data_dir)
     eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
     mean = pipeline.mean_image(train_split, spec)
@@ -176,7 +176,7 @@ def train_and_evaluate(config, workdir) -> dict:
     eval_every = config.eval_every_steps or steps_per_epoch
     root_key = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, total_steps),
-                               (config.input_size, config.input_size, 3))
+                               (config.input_size, config.input_size, config.channels))
     data_iter = iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size,
                                            seed=config.seed, worker_count=config.workers))
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,

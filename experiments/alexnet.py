@@ -23,7 +23,7 @@ def get_config() -> config_dict.ConfigDict:
     c.dataset = "digits"
     c.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.train_split, c.eval_split = "train", "validation"
-    c.input_size, c.resize_size = 227, 256
+    c.input_size, c.resize_size, c.channels = 227, 256, 3
     c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
     c.workers = 0
     # optimisation: the paper's rule and constants

@@ -28,21 +28,23 @@ class ImageSpec:
     input_size: int = 227
     resize_size: int = 256
     flip: bool = True
+    channels: int = 3  # 1: grey (LeNet); 3: RGB, grey images replicated as in the paper
 
 
 def decode(record: dict, spec: ImageSpec) -> np.ndarray:
-    """uint8 RGB, shorter side resized and centre-cropped to resize_size x resize_size."""
-    image = transforms.grey_to_rgb(np.asarray(record["image"]))
+    """uint8 RGB (or grey), shorter side resized and centre-cropped to resize_size^2."""
+    image = np.asarray(record["image"])
+    image = transforms.rgb_to_grey(image) if spec.channels == 1 else transforms.grey_to_rgb(image)
     image = transforms.resize_shorter(image, spec.resize_size)
     return transforms.central_crop(image, spec.resize_size)
 
 
 def mean_image(split: Split, spec: ImageSpec) -> np.ndarray:
     """Per-pixel mean of the decoded training images, float32; cached beside the dataset."""
-    path = pathlib.Path(split.cache_dir) / f"mean_image_{split.split}_{spec.resize_size}.npy"
+    path = pathlib.Path(split.cache_dir) / f"mean_image_{split.split}_{spec.resize_size}_{spec.channels}.npy"
     if path.exists():
         return np.load(path)
-    total = np.zeros((spec.resize_size, spec.resize_size, 3), np.float64)
+    total = np.zeros((spec.resize_size, spec.resize_size, spec.channels), np.float64)
     for i in tqdm(range(len(split)), desc=f"mean image of {split.name}/{split.split}", leave=False):
         total += decode(split.source[i], spec)
     mean = (total / max(len(split), 1)).astype(np.float32)

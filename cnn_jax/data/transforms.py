@@ -18,6 +18,16 @@ def grey_to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
+def rgb_to_grey(image: np.ndarray) -> np.ndarray:
+    """One channel: kept as is if already grey, else ITU-R 601 luma (PIL's 'L' conversion)."""
+    if image.ndim == 2:
+        return image[..., None]
+    if image.shape[-1] == 1:
+        return image
+    luma = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.round(luma), 0, 255).astype(image.dtype)[..., None]
+
+
 def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize (PIL, antialiased when shrinking) so the shorter side is `size`."""
     h, w = image.shape[:2]

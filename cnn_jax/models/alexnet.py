@@ -88,3 +88,47 @@ class AlexNet(nn.Module):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
             x = nn.relu(self._dense(x, 4096, name))
         return self._dense(x, self.num_classes, "fc8").astype(jnp.float32)
+
+
+@register("alexnet_bn")
+class AlexNetBN(nn.Module):
+    """The Keras "AlexNet" printed in the lecture notes (Oxford Flowers 17).
+
+    224 input, VALID padding (Keras floors: conv1 gives 54), 2x2 max pools, batch norm after
+    each block, fc 4096-4096-1000 with dropout 0.4, a 17-way softmax. Its code's conv2 is
+    5x5 (28,883,201 parameters with the batch-norm statistics, as Keras counts); the summary
+    printed beside it, 28,096,769, is what an 11x11 conv2 gives (`conv2_kernel=11`).
+    """
+
+    input_shape = (224, 224, 3)
+
+    num_classes: int = 17
+    conv2_kernel: int = 5
+    dropout_rate: float = 0.4
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _bn(self, x, name, train):
+        # Keras defaults: momentum 0.99, epsilon 1e-3.
+        return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+    @checks_geometry
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        convs = (("conv1", 96, 11, 4, True), ("conv2", 256, self.conv2_kernel, 1, True),
+                 ("conv3", 384, 3, 1, False), ("conv4", 384, 3, 1, False), ("conv5", 256, 3, 1, True))
+        x = x.astype(self.dtype)
+        for name, features, kernel, stride, pool in convs:
+            x = nn.relu(Conv(features, (kernel, kernel), strides=stride, padding="VALID", floor=True,
+                             name=name, **kw)(x))
+            if pool:
+                x = MaxPool(2, 2, floor=True, name=f"pool{name[-1]}")(x)
+            x = self._bn(x, f"bn{name[-1]}", train)
+        x = x.reshape(x.shape[0], -1)
+        for name, features in (("fc6", 4096), ("fc7", 4096), ("fc8", 1000)):
+            x = nn.relu(nn.Dense(features, name=name, **kw)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
+            x = self._bn(x, f"bn{name[-1]}", train)
+        return nn.Dense(self.num_classes, name="fc9", **kw)(x).astype(jnp.float32)

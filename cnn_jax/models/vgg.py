@@ -1,0 +1,66 @@
+"""VGG (Simonyan & Zisserman, 2014): configurations A, B, D, E = VGG-11, -13, -16, -19.
+
+3x3 convolutions (stride 1, padding 1), 2x2 max pooling, fc 4096-4096-classes with dropout
+0.5 after fc6 and fc7; optional batch norm after every convolution (`vgg16_bn` ...).
+Layers are named `conv{block}_{i}` as in the paper's Caffe release. Initialisation as in
+common re-implementations (the paper initialised deep nets from net A): He-normal (fan-out)
+convolutions, N(0, 0.01) fully connected layers, zero biases.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from cnn_jax.layers import Conv, MaxPool, checks_geometry
+from cnn_jax.models import register
+
+# Convolutions per block (each block ends in a 2x2 max pool); widths 64, 128, 256, 512, 512.
+CONFIGS = {"A": (1, 1, 2, 2, 2), "B": (2, 2, 2, 2, 2), "D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
+WIDTHS = (64, 128, 256, 512, 512)
+
+
+class VGG(nn.Module):
+    """VGG; `config` is one of 'A', 'B', 'D', 'E'. Returns float32 logits."""
+
+    input_shape = (224, 224, 3)
+
+    config: str = "D"
+    num_classes: int = 1000
+    batch_norm: bool = False
+    dropout_rate: float = 0.5
+    floor: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @checks_geometry
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        if self.config not in CONFIGS:
+            raise ValueError(f"unknown VGG configuration {self.config!r}; choose one of {sorted(CONFIGS)}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        x = x.astype(self.dtype)
+        for block, (convs, width) in enumerate(zip(CONFIGS[self.config], WIDTHS), start=1):
+            for i in range(1, convs + 1):
+                x = Conv(width, (3, 3), padding=1, kernel_init=conv_init, floor=self.floor,
+                         name=f"conv{block}_{i}", **kw)(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     name=f"bn{block}_{i}", **kw)(x)
+                x = nn.relu(x)
+            x = MaxPool(2, 2, floor=self.floor, name=f"pool{block}")(x)
+        x = x.reshape(x.shape[0], -1)
+        dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01), **kw)
+        for name in ("fc6", "fc7"):
+            x = nn.relu(dense(4096, name=name)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
+        return dense(self.num_classes, name="fc8")(x).astype(jnp.float32)
+
+
+for _depth, _config in (("11", "A"), ("13", "B"), ("16", "D"), ("19", "E")):
+    register(f"vgg{_depth}")(functools.partial(VGG, config=_config))
+    register(f"vgg{_depth}_bn")(functools.partial(VGG, config=_config, batch_norm=True))
