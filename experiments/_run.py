@@ -17,6 +17,52 @@ from cnn_jax.data.sources import DatasetError
 from cnn_jax.train import NonFiniteLossError, train_and_evaluate
 
 
+def base_config() -> config_dict.ConfigDict:
+    """Every key an experiment may set; experiments override values, never add keys."""
+    c = config_dict.ConfigDict()
+    c.model_name = "alexnet"  # any name of cnn_jax.list_models()
+    c.model = config_dict.ConfigDict(dict(dtype="float32"))  # the model's fields; set per experiment
+    # data
+    c.dataset = "digits"
+    c.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.train_split, c.eval_split = "train", "validation"
+    c.input_size, c.resize_size, c.channels = 227, 256, 3
+    c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
+    c.workers = 0
+    # optimisation: the paper's rule and constants
+    c.optimizer = "paper_sgd"
+    c.learning_rate = 0.01
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.decay_mask = "all"
+    c.schedule = "plateau"
+    c.lr_drop_factor = 0.1
+    c.plateau_patience = 1
+    c.plateau_max_drops = 3
+    c.step_boundaries = ()
+    c.warmup_steps = 0
+    c.aux_weight = 0.3
+    c.batch_size = 32
+    c.num_epochs = 2.0
+    c.num_train_steps = 0  # > 0 overrides num_epochs
+    # evaluation, logging, checkpoints
+    c.eval_batch_size = 50
+    c.eval_every_steps = 0  # 0: once per epoch
+    c.eval_limit = 0  # 0: the whole split
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 25
+    c.keep_checkpoints = 2  # an AlexNet state (params + momentum) is ~0.5 GB
+    c.seed = 0
+    c.smoke = False
+    return c
+
+
+def describe(c) -> str:
+    return (f"{c.model_name} on {c.dataset}: {c.input_size}x{c.input_size}x{c.channels} input, {c.optimizer} "
+            f"(lr {c.learning_rate}, momentum {c.momentum}, weight decay {c.weight_decay}, schedule {c.schedule}), "
+            f"batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
+
+
 def smoke(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """A seconds-long version of `config` for tests and quick checks: few steps, small eval."""
     with config.unlocked():
@@ -83,7 +129,7 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def run(get_config, describe=lambda config: str(config)):
+def run(get_config, describe=describe):
     """Defines the flags and runs training under absl."""
     config = get_config()
     message = _unknown_key_error(sys.argv, list(_keys(config)))

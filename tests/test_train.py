@@ -70,3 +70,32 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path
     assert result["step"] == 4
     assert (tmp_path / "checkpoints" / "unreadable-4").is_dir()  # set aside, not deleted
     assert (tmp_path / "checkpoints" / "4").is_dir()  # and step 4 written again
+
+
+FAMILIES = {  # model: (fields, input size, channels, batch)
+    "lenet5": ({}, 32, 1, 8), "lenet5_modern": ({}, 32, 1, 8), "vgg11_bn": ({}, 32, 3, 8),
+    "googlenet": ({"aux_heads": True}, 128, 3, 4), "resnet_tiny": ({}, 32, 3, 8),
+    "alexnet_bn": ({}, 224, 3, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_one_training_step_per_family(data_dir, tmp_path, name):
+    from ml_collections import config_dict
+
+    fields, size, channels, batch = FAMILIES[name]
+    config = tiny_config(data_dir, model_name=name, model=config_dict.ConfigDict(fields),
+                         input_size=size, resize_size=size, channels=channels, batch_size=batch,
+                         eval_batch_size=batch, eval_limit=batch, num_train_steps=1, eval_every_steps=1)
+    result = train.train_and_evaluate(config, tmp_path)
+    assert result["step"] == 1 and np.isfinite(result["loss"])
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
+    if name in ("vgg11_bn", "resnet_tiny", "alexnet_bn"):  # batch norm: statistics were trained
+        means = [v for path, v in jax.tree_util.tree_leaves_with_path(state["batch_stats"])
+                 if path[-1].key == "mean"]
+        assert means and any(np.abs(m).max() > 0 for m in means)
+    if name == "googlenet":  # the auxiliary losses reached the heads: their (zero-initialised,
+        # so not weight-decayed) biases have a velocity
+        velocity = state["opt_state"]["inner_state"][1]["velocity"]
+        for head in ("aux1", "aux2"):
+            assert np.abs(velocity[head]["fc2"]["bias"]).max() > 0, head

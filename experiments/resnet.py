@@ -1,0 +1,24 @@
+"""ResNet (He et al. 2015): `python -m experiments.resnet`.
+
+Offline default: the paper's CIFAR network ResNet-20 (option A shortcuts) on the digits at
+32x32, 0.1 learning rate, weight decay 1e-4 on kernels; `--config.model_name=resnet50
+--config.input_size=224 --config.model.shortcut=B` for the ImageNet family.
+"""
+
+from ml_collections import config_dict
+
+from experiments import _run
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = _run.base_config()
+    c.model_name = "resnet20_cifar"
+    c.model = config_dict.ConfigDict(dict(shortcut="A", floor=True, dtype="float32"))
+    c.input_size, c.resize_size = 32, 36
+    c.learning_rate, c.weight_decay, c.decay_mask = 0.1, 1e-4, "kernels"
+    c.num_epochs = 4.0
+    return c
+
+
+if __name__ == "__main__":
+    _run.run(get_config)
