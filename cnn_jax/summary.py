@@ -39,6 +39,7 @@ class LayerRow:
     macs: int  # multiply-adds of the weights, per example
     bias_adds: int  # additions of the bias, per example
     state: int = 0  # non-trainable variables (batch-norm running statistics)
+    copies: int = 1  # stacked copies computed side by side (towers); output_shape is one copy's
 
 
 def _trace_calls(model: nn.Module, x: jax.ShapeDtypeStruct, call_kwargs: dict):
@@ -88,13 +89,15 @@ def layer_table(model: nn.Module, input_shape=None, **call_kwargs) -> list[Layer
         n_params = sum(a.size for a in jax.tree.leaves(own))
         outputs = math.prod(out_shape)
         kernel, bias = own.get("kernel") if own else None, own.get("bias") if own else None
+        # A layer vmapped over stacked copies (AlexNet's towers) reports one copy's output.
+        copies = bias.size // out_shape[-1] if bias is not None else 1
         macs = outputs * kernel.size // out_shape[-1] if kernel is not None else 0
         if kernel is not None:
-            kind = "conv" if kernel.ndim > 2 else "fc"
+            kind = "fc" if len(out_shape) == 1 else "conv"
         rows.append(LayerRow("/".join(path), kind, out_shape, n_params,
                              bias.size if bias is not None else 0, macs,
-                             outputs if bias is not None else 0,
-                             sum(a.size for a in jax.tree.leaves(_subtree(stats, path)))))
+                             outputs * copies if bias is not None else 0,
+                             sum(a.size for a in jax.tree.leaves(_subtree(stats, path))), copies))
     return rows
 
 
@@ -131,6 +134,7 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
     lines += [head, "-" * len(head)]
     for r in rows:
         shape = "x".join(str(d) for d in r.output_shape)
+        shape = f"{r.copies} x {shape}" if r.copies > 1 else shape
         lines.append(f"{r.path:<28}{shape:>18}{r.params:>14,}{r.macs + r.bias_adds:>16,}")
     lines.append("-" * len(head))
     full, lecture = totals(rows), totals(rows, fc_biases=False)

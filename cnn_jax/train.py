@@ -85,11 +85,20 @@ def loss_and_metrics(state: TrainState, params, batch, rng, aux_weight: float):
     return loss, (stats, updates)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float = 0.3):
-    """One optimiser step. Pure: jit it (`make_train_step`) with the state donated."""
+def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float = 0.3,
+               axis_name: str | None = None):
+    """One optimiser step. Pure: jit it (`make_train_step`) with the state donated.
+
+    `axis_name`: only under `pmap`, where each device holds a slice of the batch; gradients,
+    metrics and batch-norm statistics are then averaged over that axis.
+    """
     rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     grad_fn = jax.grad(loss_and_metrics, argnums=1, has_aux=True)
     grads, (stats, updates) = grad_fn(state, state.params, batch, rng, aux_weight)
+    if axis_name is not None:
+        grads, stats, updates = jax.lax.pmean((grads, stats, updates), axis_name)
     param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
                           opt_state=opt_state, batch_stats=updates.get("batch_stats", state.batch_stats))
@@ -106,10 +115,6 @@ def eval_step(state: TrainState, batch: dict) -> dict:
             "top1_error": jnp.sum(metrics.topk_error(logits, batch["label"], 1) * mask),
             "top5_error": jnp.sum(metrics.topk_error(logits, batch["label"], 5) * mask),
             "count": jnp.sum(mask)}
-
-
-def make_train_step(aux_weight: float = 0.3):
-    return jax.jit(functools.partial(train_step, aux_weight=aux_weight), donate_argnums=(0,))
 
 
 make_eval_step = functools.cache(lambda: jax.jit(eval_step))
@@ -158,12 +163,24 @@ def _after_eval(state: TrainState, error: float, config) -> TrainState:
                          opt_state=optim.set_lr_scale(state.opt_state, plateau.scale))
 
 
+def _step_of(state) -> int:
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # pmap: one per device
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics.
 
     Writes workdir/checkpoints (orbax), workdir/tensorboard and workdir/metrics.jsonl.
-    Ctrl-C saves a checkpoint at the current step before it stops.
+    Ctrl-C saves a checkpoint at the current step before it stops. Runs on every device
+    (`config.mesh`, `config.parallel`); with several processes each reads its own shard.
     """
+    from cnn_jax import parallel
+
+    parallel.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    mesh = parallel.make_mesh(tuple(config.mesh) or None)
+    processes, process = jax.process_count(), jax.process_index()
+    if config.batch_size % processes:
+        raise ValueError(f"global batch {config.batch_size} does not divide across {processes} processes")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels)
@@ -177,23 +194,30 @@ def train_and_evaluate(config, workdir) -> dict:
     root_key = jax.random.key(config.seed)
     state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, total_steps),
                                (config.input_size, config.input_size, config.channels))
-    data_iter = iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size,
-                                           seed=config.seed, worker_count=config.workers))
+    state = state.replace(apply_fn=parallel.apply_fn(model, mesh))
+    runner = parallel.make_runner(config.parallel, mesh, model, state,
+                                  functools.partial(train_step, aux_weight=config.aux_weight), eval_step,
+                                  config.batch_size)
+    parallel.check_batch(config.eval_batch_size, mesh)
+    state = jax.device_put(state, runner.state_shardings)
+    data_iter = iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size // processes,
+                                           seed=config.seed, worker_count=config.workers,
+                                           shard_index=process, shard_count=processes))
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                         keep=config.keep_checkpoints)
     state, resumed = ckpt.restore_latest(state, data_iter)
     if resumed is not None:
-        print(f"resumed from {ckpt.directory}/{resumed} (step {int(state.step)} of {total_steps})")
-    writer = MetricWriter(workdir)
-    step_fn, eval_fn = make_train_step(config.aux_weight), make_eval_step()
+        print(f"resumed from {ckpt.directory}/{resumed} (step {_step_of(state)} of {total_steps})")
+    state = runner.place_state(state)
+    writer = MetricWriter(workdir, enabled=process == 0)
     dropout_key = jax.random.fold_in(root_key, 1)
 
-    def run_eval(state):
+    def run_eval(host_state):
         batches = pipeline.eval_batches(eval_split, spec, mean, batch_size=config.eval_batch_size,
                                         limit=config.eval_limit or None)
-        return evaluate(state, batches, eval_fn)
+        return evaluate(host_state, (parallel.place_batch(b, mesh) for b in batches), runner.eval)
 
-    step, window, wait, result = int(state.step), [], 0.0, {}
+    step, window, result = _step_of(state), [], {}
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",
                unit="step", dynamic_ncols=True)
     try:
@@ -201,9 +225,9 @@ def train_and_evaluate(config, workdir) -> dict:
             t0, position = time.perf_counter(), data_iter.get_state()
             batch = next(data_iter)
             t1 = time.perf_counter()
-            state, stats = step_fn(state, batch, dropout_key)
+            state, stats = runner.step(state, runner.place(batch), dropout_key)
             stats = jax.device_get(stats)
-            step = int(state.step)
+            step = _step_of(state)
             check_finite(float(stats["loss"]), step)
             wait_frac = (t1 - t0) / (time.perf_counter() - t0)
             window.append(stats | {"data_wait": wait_frac, "seconds": time.perf_counter() - t0})
@@ -216,24 +240,28 @@ def train_and_evaluate(config, workdir) -> dict:
                 writer.write(step, {f"train/{k}": v for k, v in means.items()})
                 window = []
             if step % eval_every == 0 or step == total_steps:
-                result = run_eval(state)
+                host = runner.host_state(state)
+                result = run_eval(host)
                 writer.write(step, {f"eval/{k}": v for k, v in result.items()})
                 bar.write(f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
                           f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
                 if step % eval_every == 0:  # the cadence alone drives the schedule, so a run
-                    state = _after_eval(state, result["top1_error"], config)  # cut short resumes equal
-            ckpt.save(step, state, data_iter, force=step == total_steps)
+                    # cut short and resumed equals an uninterrupted one
+                    state = runner.place_state(jax.device_put(_after_eval(host, result["top1_error"], config),
+                                                              runner.state_shardings))
+            if ckpt.manager.should_save(step) or step == total_steps:
+                ckpt.save(step, runner.host_state(state), data_iter, force=True)
     except KeyboardInterrupt:
-        if int(state.step) == step:  # the batch drawn for the unfinished step is drawn again
+        if _step_of(state) == step:  # the batch drawn for the unfinished step is drawn again
             data_iter.set_state(position)
         bar.write(f"interrupted: saving step {step} to {ckpt.directory}; run the same command to resume")
-        ckpt.save(step, state, data_iter, force=True)
+        ckpt.save(step, runner.host_state(state), data_iter, force=True)
         raise
     finally:
         bar.close()
         ckpt.close()
         writer.close()
     if not result:  # resumed at the end: evaluate what was restored
-        result = run_eval(state)
+        result = run_eval(runner.host_state(state))
     return {"step": step, **result, "workdir": str(workdir), "checkpoints": str(ckpt.directory),
             "tensorboard": str(writer.tb_dir), "metrics_log": str(writer.jsonl_path)}

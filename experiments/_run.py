@@ -54,6 +54,12 @@ def base_config() -> config_dict.ConfigDict:
     c.keep_checkpoints = 2  # an AlexNet state (params + momentum) is ~0.5 GB
     c.seed = 0
     c.smoke = False
+    # devices
+    c.parallel = "jit"  # or "pmap" (data parallel only)
+    c.mesh = ()  # (data, model); empty: all devices on 'data'. Two towers: (N, 2)
+    c.coordinator_address = ""  # multi-host: HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)
+    c.num_processes = 1
+    c.process_id = 0
     return c
 
 

@@ -74,8 +74,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path
 
 FAMILIES = {  # model: (fields, input size, channels, batch)
     "lenet5": ({}, 32, 1, 8), "lenet5_modern": ({}, 32, 1, 8), "vgg11_bn": ({}, 32, 3, 8),
-    "googlenet": ({"aux_heads": True}, 128, 3, 4), "resnet_tiny": ({}, 32, 3, 8),
-    "alexnet_bn": ({}, 224, 3, 4),
+    "googlenet": ({"aux_heads": True}, 128, 3, 8), "resnet_tiny": ({}, 32, 3, 8),
+    "alexnet_bn": ({}, 224, 3, 8),
 }
 
 

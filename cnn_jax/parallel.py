@@ -1,0 +1,194 @@
+"""Every device: one ('data', 'model') mesh, jit with shardings, the pmap path, the towers.
+
+- Data parallel (default): the global batch is sharded on 'data', parameters replicated;
+  `jax.jit` with in/out shardings compiles one program for all devices, and XLA inserts the
+  gradient all-reduce.
+- `pmap` (`--config.parallel=pmap`): the classic path, the same pure `train_step` with
+  gradients averaged by `pmean` over 'data'. Batch-norm statistics are then per device, as in
+  the classic recipes (the jit path computes them over the global batch).
+- AlexNet's two towers: a model with `partition_rules` (alexnet_2tower) has its tower axis
+  split over 'model', and its forward pass runs under `jax.shard_map` with the towers'
+  activations exchanged by `all_gather` exactly where the paper's GPUs communicate.
+- Multi-host: `initialize_distributed` before anything else; each process loads its own
+  part of the global batch, and `place_batch` assembles the global array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MODES = ("jit", "pmap")
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
+    """`jax.distributed.initialize` when running on several processes (config or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment)."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", num_processes))
+    process_id = int(os.environ.get("JAX_PROCESS_ID", process_id))
+    if num_processes > 1:
+        if not coordinator:
+            raise ValueError(f"{num_processes} processes need a coordinator address: set "
+                             "--config.coordinator_address=HOST:PORT")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+
+
+def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
+    """A ('data', 'model') mesh over all devices; default (device count, 1).
+
+    Auto axis types: shardings propagate from the inputs (Explicit axes would demand an
+    `out_sharding` on every operation).
+    """
+    n = jax.device_count()
+    shape = tuple(shape) if shape else (n, 1)
+    if len(shape) != 2 or int(np.prod(shape)) != n:
+        raise ValueError(f"mesh {shape} needs {int(np.prod(shape))} devices but {n} are available: "
+                         f"use --config.mesh='({n}, 1)' or a (data, model) pair whose product is {n}")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
+
+
+def check_batch(global_batch: int, mesh: Mesh):
+    data = mesh.shape["data"]
+    if global_batch % data:
+        raise ValueError(f"global batch {global_batch} does not divide across the {data} devices of "
+                         f"the 'data' axis: use a multiple of {data} for --config.batch_size")
+
+
+def spec_for(path: str, rules) -> P:
+    """The first rule whose regex matches the end of `path` ('a/b/kernel'), else replicated."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return spec
+    return P()
+
+
+def _path(keypath) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+
+
+def tree_shardings(tree, mesh: Mesh, rules=()):
+    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs), from `rules`.
+
+    Rules match parameter paths, so the optimiser's copies of the parameters (momentum)
+    shard like the parameters themselves.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: NamedSharding(mesh, spec_for(_path(kp), rules) if np.ndim(leaf) else P()), tree)
+
+
+def place_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's part of the batch -> global arrays sharded on 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
+    """`model.apply` for a tower-stacked model, one tower per device of the 'model' axis.
+
+    Inside `shard_map` each device runs its own tower on its own slice of the batch; the
+    model's `tower_gather` is an all_gather over 'model'. Dropout keys differ per tower and
+    per data shard.
+    """
+    if mesh.shape["model"] != model.towers:
+        raise ValueError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, "
+                         f"not {mesh.shape['model']}: use --config.mesh='(N, {model.towers})'")
+    gather = functools.partial(jax.lax.all_gather, axis_name="model", axis=0, tiled=True)
+    local = model.clone(local_towers=1, tower_gather=gather)
+
+    def apply(variables, x, *, train: bool, rngs=None, mutable=False):
+        if mutable:
+            raise ValueError("the two-tower model keeps no mutable state")
+        specs = jax.tree_util.tree_map_with_path(lambda kp, _: spec_for(_path(kp), model.partition_rules),
+                                                 variables)
+        key = (rngs or {}).get("dropout", jax.random.key(0))
+
+        def body(v, images, key):
+            key = jax.random.fold_in(jax.random.fold_in(key, jax.lax.axis_index("model")),
+                                     jax.lax.axis_index("data"))
+            return local.apply(v, images, train=train, rngs={"dropout": key})
+
+        return jax.shard_map(body, mesh=mesh, in_specs=(specs, P("data"), P()),
+                             out_specs=P("data"))(variables, x, key)
+
+    return apply
+
+
+@dataclasses.dataclass
+class Runner:
+    """How a training run uses the devices; the loop calls only these.
+
+    state_shardings: the canonical layout (checkpoints, evaluation); place_state: canonical
+    -> the runner's layout; host_state: the inverse; place: a host batch -> device arrays;
+    step and eval: the compiled functions.
+    """
+
+    mesh: Mesh
+    mode: str
+    state_shardings: object
+    place_state: Callable
+    host_state: Callable
+    place: Callable
+    step: Callable
+    eval: Callable
+
+
+def apply_fn(model: nn.Module, mesh: Mesh) -> Callable:
+    """The model's apply for this mesh: tower-sharded for models that declare partition rules."""
+    return towers_apply(model, mesh) if getattr(model, "partition_rules", ()) else model.apply
+
+
+def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_step: Callable,
+                eval_step: Callable, global_batch: int) -> Runner:
+    """Builds the runner for `mode` ('jit' or 'pmap') over `mesh`.
+
+    `train_step(state, batch, rng, axis_name=None)` and `eval_step(state, batch)` are the
+    pure steps; the canonical state layout (what checkpoints hold) is `tree_shardings`'.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}: use one of {MODES}")
+    check_batch(global_batch, mesh)
+    rules = getattr(model, "partition_rules", ())
+    if rules and mode == "pmap":
+        raise ValueError("the two-tower model runs with --config.parallel=jit (explicit sharding), not pmap")
+    state_sh = tree_shardings(abstract_state, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, P("data"))
+    eval_fn = jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+    canonical = functools.partial(jax.device_put, device=state_sh)
+    if mode == "jit":
+        step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),
+                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        return Runner(mesh, mode, state_sh, canonical, canonical, lambda b: place_batch(b, mesh),
+                      step, eval_fn)
+    if mesh.shape["model"] != 1 or jax.process_count() > 1:
+        raise ValueError("--config.parallel=pmap runs on one host with a (devices, 1) mesh")
+    devices = mesh.devices.reshape(-1)
+    n = len(devices)
+    pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data",
+                     devices=devices, donate_argnums=(0,))
+
+    def shard(batch):
+        return {k: np.asarray(v).reshape(n, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+
+    def pmap_step(state, batch, rng):
+        state, stats = pstep(state, batch, jnp.broadcast_to(rng, (n, *rng.shape)))
+        return state, jax.tree.map(lambda x: x[0], stats)
+
+    def replicate(state):
+        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+
+    return Runner(mesh, mode, state_sh, place_state=replicate,
+                  host_state=lambda s: canonical(jax.tree.map(lambda x: x[0], s)),
+                  place=shard, step=pmap_step, eval=eval_fn)
