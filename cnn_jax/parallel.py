@@ -105,7 +105,12 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
         raise ValueError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, "
                          f"not {mesh.shape['model']}: use --config.mesh='(N, {model.towers})'")
     gather = functools.partial(jax.lax.all_gather, axis_name="model", axis=0, tiled=True)
-    local = model.clone(local_towers=1, tower_gather=gather)
+
+    def combine(x):  # (1, B, k) -> (B, towers * k), this tower's k columns filled, then summed
+        mine = jax.nn.one_hot(jax.lax.axis_index("model"), model.towers, dtype=x.dtype)
+        return jax.lax.psum(jnp.einsum("bk,t->btk", x[0], mine).reshape(x.shape[1], -1), "model")
+
+    local = model.clone(local_towers=1, tower_gather=gather, tower_combine=combine)
 
     def apply(variables, x, *, train: bool, rngs=None, mutable=False):
         if mutable:
@@ -177,7 +182,7 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     devices = mesh.devices.reshape(-1)
     n = len(devices)
     pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data",
-                     devices=devices, donate_argnums=(0,))
+                     devices=list(devices), donate_argnums=(0,))
 
     def shard(batch):
         return {k: np.asarray(v).reshape(n, -1, *np.shape(v)[1:]) for k, v in batch.items()}

@@ -8,10 +8,13 @@ from both towers. 60,965,224 parameters.
 Written tower-stacked: every parameter and activation has a leading tower axis, and each
 layer is `nn.vmap`-ed over it. Where the paper's GPUs communicate, the model calls
 `tower_gather` (inside a named scope `tower_gather_<layer>`), which must return every
-tower's activations. On one device all towers are local and it is the identity. Under
-`cnn_jax.parallel`, each device of the mesh's 'model' axis holds one tower
-(`local_towers=1`) and the gather is an `all_gather` over 'model': the only cross-tower
-communication in the program, and the model itself never names a mesh.
+tower's activations, and the final logits are put together by `tower_combine` (scope
+`tower_gather_logits`). On one device all towers are local and both are plain
+concatenation. Under `cnn_jax.parallel`, each device of the mesh's 'model' axis holds one
+tower (`local_towers=1`), the gather is an `all_gather` and the combine a `psum` over
+'model' (a sum of each tower's half placed in its own columns, which the compiler can prove
+identical on both towers): the only cross-tower communication in the program. The model
+itself never names a mesh.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class AlexNetTowers(nn.Module):
     towers: int = 2
     local_towers: int | None = None  # towers held here; None: all of them
     tower_gather: Callable | None = None  # (local, ...) -> (towers, ...); None: identity
+    tower_combine: Callable | None = None  # (local, B, k) -> (B, towers * k); None: concatenate
     dropout_rate: float = 0.5
     init_scheme: str = "paper"
     floor: bool = False
@@ -67,8 +71,7 @@ class AlexNetTowers(nn.Module):
         """Every tower's activations, channels concatenated, repeated for each local tower."""
         with jax.named_scope(f"tower_gather_{layer}"):
             full = self.tower_gather(x) if self.tower_gather is not None else x
-        full = jnp.moveaxis(full, 0, -2)  # (..., towers, channels)
-        full = full.reshape(*full.shape[:-2], -1)
+        full = concat_towers(full)
         return jnp.broadcast_to(full, (x.shape[0], *full.shape))
 
     def _dense(self, x, features, name):
@@ -104,5 +107,11 @@ class AlexNetTowers(nn.Module):
                            name=f"drop{name[-1]}")(x)
             x = nn.relu(self._dense(self._gather(x, name), 4096 // self.towers, name))
         x = self._dense(self._gather(x, "fc8"), self.num_classes // self.towers, "fc8")
-        logits = self._gather(x, "logits")[0]
+        with jax.named_scope("tower_gather_logits"):
+            logits = self.tower_combine(x) if self.tower_combine is not None else concat_towers(x)
         return logits.astype(jnp.float32)
+
+
+def concat_towers(x):
+    """(towers, B, k) -> (B, towers * k): every tower's outputs side by side."""
+    return jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)
