@@ -189,11 +189,19 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
 
     def pmap_step(state, batch, rng):
         state, stats = pstep(state, batch, jnp.broadcast_to(rng, (n, *rng.shape)))
-        return state, jax.tree.map(lambda x: x[0], stats)
+        # Finish on every device before anything else is queued: a CPU all-reduce of this
+        # program next to one of another program (evaluation) can wait on each other forever.
+        jax.block_until_ready(state)
+        return state, jax.tree.map(first_replica, stats)
 
     def replicate(state):
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
 
+    def first_replica(x):  # device 0's buffer: no multi-device program to index a pmap array
+        if not isinstance(x, jax.Array):  # still the host copy made by place_state
+            return np.asarray(x)[0]
+        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+
     return Runner(mesh, mode, state_sh, place_state=replicate,
-                  host_state=lambda s: canonical(jax.tree.map(lambda x: x[0], s)),
+                  host_state=lambda s: canonical(jax.tree.map(first_replica, s)),
                   place=shard, step=pmap_step, eval=eval_fn)

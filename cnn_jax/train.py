@@ -24,7 +24,7 @@ from flax import struct
 
 from tqdm.auto import tqdm
 
-from cnn_jax import metrics, optim
+from cnn_jax import metrics, optim, viz
 from cnn_jax.checkpoint import Checkpointer
 from cnn_jax.data import pipeline
 from cnn_jax.data.sources import open_split
@@ -261,7 +261,16 @@ def train_and_evaluate(config, workdir) -> dict:
         bar.close()
         ckpt.close()
         writer.close()
+    host = runner.host_state(state)
     if not result:  # resumed at the end: evaluate what was restored
-        result = run_eval(runner.host_state(state))
-    return {"step": step, **result, "workdir": str(workdir), "checkpoints": str(ckpt.directory),
-            "tensorboard": str(writer.tb_dir), "metrics_log": str(writer.jsonl_path)}
+        result = run_eval(host)
+    outputs = {"checkpoints": str(ckpt.directory), "tensorboard": str(writer.tb_dir),
+               "metrics_log": str(writer.jsonl_path)}
+    if process == 0 and _has_rgb_conv1(host.params):
+        outputs["conv1_kernels"] = str(viz.save_conv1_figure(jax.device_get(host.params), workdir / "conv1_kernels.png"))
+    return {"step": step, **result, "workdir": str(workdir), **outputs}
+
+
+def _has_rgb_conv1(params) -> bool:
+    kernel = params.get("conv1", {}).get("kernel") if hasattr(params, "get") else None
+    return kernel is not None and kernel.shape[-2] == 3

@@ -99,8 +99,9 @@ def _main(argv, describe):
         return 130
     print(f"\nfinished at step {result['step']}: validation top-1 error {result['top1_error']:.1%}, "
           f"top-5 error {result['top5_error']:.1%} (loss {result['loss']:.3f})")
-    for key in ("checkpoints", "tensorboard", "metrics_log"):
-        print(f"  {key:<12} {result[key]}")
+    for key in ("checkpoints", "tensorboard", "metrics_log", "conv1_kernels"):
+        if key in result:
+            print(f"  {key:<13} {result[key]}")
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
     return 0
 

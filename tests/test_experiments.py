@@ -61,3 +61,35 @@ def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoints'}/{steps[-1]}" in again.stdout
     assert f"finished at step {steps[-1] + 1}" in again.stdout
+
+
+@pytest.mark.parametrize("args", [["--config.parallel=pmap"],
+                                  ["--config.model_name=alexnet_2tower", "--config.mesh=(4, 2)",
+                                   "--config.model.init_scheme=lecun"]],
+                         ids=["pmap", "two_towers"])
+def test_parallel_modes_train_from_the_cli_on_8_devices(data_dir, tmp_path, args):
+    assert "device_count=8" in os.environ.get("XLA_FLAGS", "")
+    proc = run_cli([*TINY, *args, f"--workdir={tmp_path}"], data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "finished at step 3" in proc.stdout
+    png = tmp_path / "conv1_kernels.png"
+    assert png.exists()  # Figure 3: two rows of 48 kernels
+    from PIL import Image
+
+    width, height = Image.open(png).size
+    assert (width, height) == (2 + 48 * (44 + 2), 2 + 2 * (44 + 2))
+
+
+def test_viz_cli_reads_a_checkpoint(data_dir, tmp_path):
+    from cnn_jax import viz
+
+    assert run_cli(["--config.smoke=True", *TINY[:2], f"--workdir={tmp_path}"], data_dir).returncode == 0
+    assert viz.main([str(tmp_path), "--out", str(tmp_path / "fig.png")]) == 0
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    assert viz.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
+    proc = run_cli([*TINY, "--config.mesh=(3, 2)", f"--workdir={tmp_path}"], data_dir)
+    assert proc.returncode != 0 and "mesh (3, 2) needs 6 devices but 8" in proc.stderr
+    assert "Traceback" not in proc.stderr

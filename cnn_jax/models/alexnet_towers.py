@@ -63,6 +63,8 @@ class AlexNetTowers(nn.Module):
     tower_combine: Callable | None = None  # (local, B, k) -> (B, towers * k); None: concatenate
     dropout_rate: float = 0.5
     init_scheme: str = "paper"
+    lrn: bool = True
+    pool_window: int = 3
     floor: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -96,10 +98,11 @@ class AlexNetTowers(nn.Module):
                                    bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name=name)(x))
             i = name[-1]
-            if name in ("conv1", "conv2"):
+            if self.lrn and name in ("conv1", "conv2"):
                 x = _per_tower(LocalResponseNorm, name=f"lrn{i}")(x)
             if name in ("conv1", "conv2", "conv5"):
-                x = _per_tower(MaxPool, window=3, stride=2, floor=self.floor, name=f"pool{i}")(x)
+                x = _per_tower(MaxPool, window=self.pool_window, stride=2, floor=self.floor,
+                               name=f"pool{i}")(x)
         x = x.reshape(*x.shape[:2], -1)
         for name in ("fc6", "fc7"):
             # Each tower drops its own units, then both towers read all the survivors.
