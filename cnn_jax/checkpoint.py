@@ -44,8 +44,11 @@ class Checkpointer:
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(abstract)}
-            if data_iter is not None:
+            if data_iter is not None and self._has_stream_for_this_process(step):
                 items["data"] = iterator_restore_args(data_iter)
+            elif data_iter is not None:
+                logging.warning("checkpoint %d was written by a different number of processes: the "
+                                "train state is restored, the data stream restarts from its seed", step)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # noqa: BLE001 - any damage: try the previous step
@@ -60,6 +63,11 @@ class Checkpointer:
                                f"{sorted(self.manager.all_steps())}); they are left untouched: move them "
                                "away or choose another --workdir")
         return state, None
+
+    def _has_stream_for_this_process(self, step: int) -> bool:
+        """grain keeps one stream position per process: only usable with the same count."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.directory / str(step) / "data" / name).exists()
 
     def _set_aside(self, steps):
         """Renames unreadable steps to `unreadable-N` (kept for inspection) so training can

@@ -215,7 +215,9 @@ def train_and_evaluate(config, workdir) -> dict:
     def run_eval(host_state):
         batches = pipeline.eval_batches(eval_split, spec, mean, batch_size=config.eval_batch_size,
                                         limit=config.eval_limit or None)
-        return evaluate(host_state, (parallel.place_batch(b, mesh) for b in batches), runner.eval)
+        share = config.eval_batch_size // processes  # each process feeds its slice
+        local = ({k: v[process * share:(process + 1) * share] for k, v in b.items()} for b in batches)
+        return evaluate(host_state, (parallel.place_batch(b, mesh) for b in local), runner.eval)
 
     step, window, result = _step_of(state), [], {}
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",

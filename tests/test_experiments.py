@@ -12,8 +12,8 @@ import pytest
 TINY = ["--config.input_size=67", "--config.resize_size=72", "--config.smoke=True"]
 
 
-def run_cli(args, data_dir, **kw):
-    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
+def run_cli(args, data_dir, env_extra=None, **kw):
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "experiments.alexnet", *args], env=env,
                           capture_output=True, text=True, timeout=300, **kw)
 
@@ -93,3 +93,40 @@ def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
     proc = run_cli([*TINY, "--config.mesh=(3, 2)", f"--workdir={tmp_path}"], data_dir)
     assert proc.returncode != 0 and "mesh (3, 2) needs 6 devices but 8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path):
+    """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1."""
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY, "--config.num_processes=2",
+                               f"--config.process_id={i}", f"--config.coordinator_address=127.0.0.1:{port}",
+                               f"--workdir={tmp_path}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-2000:]
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            proc.kill()
+    finals = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert finals[0] == finals[1] and finals[0]["step"] == 3  # one program, one result
+    data = tmp_path / "checkpoints" / "3" / "data"
+    assert {p.name for p in data.iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
+    # Written once, readable by a different number of processes:
+    single = run_cli([*TINY, "--config.num_train_steps=4", f"--workdir={tmp_path}"], data_dir,
+                     env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/3" in single.stdout
+    assert "different number of processes" in single.stderr
