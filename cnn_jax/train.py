@@ -24,7 +24,7 @@ from flax import struct
 
 from tqdm.auto import tqdm
 
-from cnn_jax import metrics, optim, viz
+from cnn_jax import evaluate, metrics, optim, viz
 from cnn_jax.checkpoint import Checkpointer
 from cnn_jax.data import pipeline
 from cnn_jax.data.sources import open_split
@@ -107,28 +107,23 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """Sums over the batch of loss and top-1/top-5 errors, counting only mask == 1 examples."""
-    out = state.apply_fn(_variables(state, state.params), batch["image"], train=False)
+    """Sums over the batch of loss and top-1/top-5 errors, counting only mask == 1 examples.
+
+    Images of shape (B, crops, H, W, C) are several views of each example (ten-crop): their
+    softmax outputs are averaged, as in the paper's test procedure.
+    """
+    images = batch["image"]
+    crops = images.shape[1] if images.ndim == 5 else 1
+    out = state.apply_fn(_variables(state, state.params), images.reshape(-1, *images.shape[-3:]), train=False)
     logits, _ = _split_outputs(out)
+    if crops > 1:
+        probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(-1, crops, logits.shape[-1]).mean(1)
+        logits = jnp.log(probs)
     mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
     return {"loss": jnp.sum(metrics.cross_entropy(logits, batch["label"]) * mask),
             "top1_error": jnp.sum(metrics.topk_error(logits, batch["label"], 1) * mask),
             "top5_error": jnp.sum(metrics.topk_error(logits, batch["label"], 5) * mask),
             "count": jnp.sum(mask)}
-
-
-make_eval_step = functools.cache(lambda: jax.jit(eval_step))
-
-
-def evaluate(state: TrainState, batches, eval_fn=None) -> dict:
-    """Mean loss and top-1/top-5 error over `batches` (dicts with 'mask')."""
-    eval_fn = eval_fn or make_eval_step()
-    sums = {"loss": metrics.Mean(), "top1_error": metrics.Mean(), "top5_error": metrics.Mean()}
-    for batch in batches:
-        out = jax.device_get(eval_fn(state, batch))
-        for key, mean in sums.items():
-            mean.add(out[key], out["count"])
-    return {key: mean.value for key, mean in sums.items()}
 
 
 def check_finite(loss: float, step: int):
@@ -183,7 +178,8 @@ def train_and_evaluate(config, workdir) -> dict:
         raise ValueError(f"global batch {config.batch_size} does not divide across {processes} processes")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels)
+    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels,
+                              config.pca_noise)
     train_split = open_split(config.dataset, config.train_split, config.data_dir)
     eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
     mean = pipeline.mean_image(train_split, spec)
@@ -212,12 +208,21 @@ def train_and_evaluate(config, workdir) -> dict:
     writer = MetricWriter(workdir, enabled=process == 0)
     dropout_key = jax.random.fold_in(root_key, 1)
 
-    def run_eval(host_state):
-        batches = pipeline.eval_batches(eval_split, spec, mean, batch_size=config.eval_batch_size,
-                                        limit=config.eval_limit or None)
-        share = config.eval_batch_size // processes  # each process feeds its slice
-        local = ({k: v[process * share:(process + 1) * share] for k, v in b.items()} for b in batches)
-        return evaluate(host_state, (parallel.place_batch(b, mesh) for b in local), runner.eval)
+    def run_eval(host_state, crops="centre"):
+        return evaluate.evaluate_split(host_state, eval_split, spec, mean, eval_fn=runner.eval,
+                                       place=lambda b: parallel.place_batch(b, mesh),
+                                       batch_size=config.eval_batch_size, limit=config.eval_limit,
+                                       crops=crops)
+
+    if config.eval_only:
+        if resumed is None:
+            raise RuntimeError(f"--config.eval_only: no checkpoint in {ckpt.directory}; train first "
+                               "or point --workdir at a run")
+        ckpt.close()
+        writer.close()
+        host = runner.host_state(state)
+        return {"step": _step_of(state), **run_eval(host),
+                **{f"ten_crop_{k}": v for k, v in run_eval(host, "ten").items()}}
 
     step, window, result = _step_of(state), [], {}
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",

@@ -28,6 +28,7 @@ def base_config() -> config_dict.ConfigDict:
     c.train_split, c.eval_split = "train", "validation"
     c.input_size, c.resize_size, c.channels = 227, 256, 3
     c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
+    c.pca_noise = 0.1  # the paper's colour augmentation: alpha_i ~ N(0, 0.1); 0 turns it off
     c.workers = 0
     # optimisation: the paper's rule and constants
     c.optimizer = "paper_sgd"
@@ -49,6 +50,7 @@ def base_config() -> config_dict.ConfigDict:
     c.eval_batch_size = 50
     c.eval_every_steps = 0  # 0: once per epoch
     c.eval_limit = 0  # 0: the whole split
+    c.eval_only = False  # evaluate the newest checkpoint (centre and ten-crop) and stop
     c.log_every_steps = 10
     c.checkpoint_every_steps = 25
     c.keep_checkpoints = 2  # an AlexNet state (params + momentum) is ~0.5 GB
@@ -97,8 +99,12 @@ def _main(argv, describe):
         return 1
     except KeyboardInterrupt:
         return 130
-    print(f"\nfinished at step {result['step']}: validation top-1 error {result['top1_error']:.1%}, "
-          f"top-5 error {result['top5_error']:.1%} (loss {result['loss']:.3f})")
+    print(f"\n{'evaluated' if config.eval_only else 'finished at'} step {result['step']}: validation "
+          f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "
+          f"(loss {result['loss']:.3f})")
+    if "ten_crop_top1_error" in result:
+        print(f"ten-crop (softmax averaged over 10 patches): top-1 error {result['ten_crop_top1_error']:.1%}, "
+              f"top-5 error {result['ten_crop_top5_error']:.1%}")
     for key in ("checkpoints", "tensorboard", "metrics_log", "conv1_kernels"):
         if key in result:
             print(f"  {key:<13} {result[key]}")

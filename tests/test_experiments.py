@@ -130,3 +130,14 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
     assert single.returncode == 0, single.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoints'}/3" in single.stdout
     assert "different number of processes" in single.stderr
+
+
+def test_eval_only_reports_centre_and_ten_crop(data_dir, tmp_path):
+    empty = run_cli([*TINY, "--config.eval_only=True", f"--workdir={tmp_path}"], data_dir)
+    assert empty.returncode != 0 and "no checkpoint" in empty.stderr and "Traceback" not in empty.stderr
+    assert run_cli([*TINY, f"--workdir={tmp_path}"], data_dir).returncode == 0
+    proc = run_cli([*TINY, "--config.eval_only=True", f"--workdir={tmp_path}"], data_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "evaluated step 3" in proc.stdout and "ten-crop (softmax averaged over 10 patches)" in proc.stdout
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"top1_error", "ten_crop_top1_error", "ten_crop_top5_error"} <= set(summary)

@@ -99,3 +99,17 @@ def test_one_training_step_per_family(data_dir, tmp_path, name):
         velocity = state["opt_state"]["inner_state"][1]["velocity"]
         for head in ("aux1", "aux2"):
             assert np.abs(velocity[head]["fc2"]["bias"]).max() > 0, head
+
+
+def test_ten_crop_eval_averages_the_softmax():
+    model = get_model("lenet5_modern", num_classes=4)
+    state = train.create_train_state(jax.random.key(0), model, optim.make_optimizer("sgdw", 0.1), (32, 32, 1))
+    views = jax.random.normal(jax.random.key(1), (3, 10, 32, 32, 1))
+    labels = jnp.array([0, 1, 3])
+    out = train.eval_step(state, {"image": views, "label": labels})
+    logits = model.apply({"params": state.params}, views.reshape(30, 32, 32, 1), train=False)
+    probs = np.asarray(jax.nn.softmax(logits)).reshape(3, 10, 4).mean(1)
+    expected_loss = -np.log(probs[np.arange(3), np.asarray(labels)]).sum()
+    np.testing.assert_allclose(float(out["loss"]), expected_loss, rtol=1e-5)
+    expected_top1 = (probs.argmax(1) != np.asarray(labels)).sum()
+    assert float(out["top1_error"]) == expected_top1 and float(out["count"]) == 3

@@ -29,6 +29,7 @@ class ImageSpec:
     resize_size: int = 256
     flip: bool = True
     channels: int = 3  # 1: grey (LeNet); 3: RGB, grey images replicated as in the paper
+    pca_noise: float = 0.0  # std of the PCA colour-noise coefficients (the paper: 0.1); 0 = off
 
 
 def decode(record: dict, spec: ImageSpec) -> np.ndarray:
@@ -49,25 +50,49 @@ def mean_image(split: Split, spec: ImageSpec) -> np.ndarray:
         total += decode(split.source[i], spec)
     mean = (total / max(len(split), 1)).astype(np.float32)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, mean)
     except OSError as err:  # read-only data dir: keep going without the cache
         logging.warning("could not cache the mean image at %s (%s)", path, err)
     return mean
 
 
-class _Preprocess(grain.transforms.RandomMap):
-    """decode -> minus mean image -> crop (+ flip when training)."""
+def colour_basis(split: Split, spec: ImageSpec, max_images: int = 1000):
+    """(eigenvalues, eigenvectors) of the RGB covariance of the training images, in the
+    pipeline's 0..1 units, from up to `max_images` evenly spaced images; cached."""
+    path = pathlib.Path(split.cache_dir) / f"colour_pca_{split.split}_{spec.resize_size}.npz"
+    if path.exists():
+        cached = np.load(path)
+        return cached["values"], cached["vectors"]
+    step = max(1, len(split) // max_images)
+    pixels = np.concatenate([decode(split.source[i], spec)[::4, ::4].reshape(-1, 3)
+                             for i in range(0, len(split), step)]) / 255.0
+    values, vectors = transforms.pca_basis(pixels)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, values=values, vectors=vectors)
+    except OSError as err:
+        logging.warning("could not cache the colour PCA at %s (%s)", path, err)
+    return values, vectors
 
-    def __init__(self, spec: ImageSpec, mean: np.ndarray, train: bool):
-        self.spec, self.mean, self.train = spec, mean, train
+
+class _Preprocess(grain.transforms.RandomMap):
+    """decode -> minus mean image -> crop: random (+ flip) for 'train', 'centre' or 'ten'."""
+
+    def __init__(self, spec: ImageSpec, mean: np.ndarray, mode: str, basis=None):
+        self.spec, self.mean, self.mode, self.basis = spec, mean, mode, basis
 
     def __repr__(self):  # stable across processes, as grain's workers require
-        return f"_Preprocess({self.spec}, train={self.train})"
+        return f"_Preprocess({self.spec}, mode={self.mode})"
 
     def random_map(self, record, rng: np.random.Generator):
         image = decode(record, self.spec).astype(np.float32) / 255.0 - self.mean / 255.0
-        if self.train:
+        if self.mode == "train":
             image = transforms.random_crop_flip(image, self.spec.input_size, rng, self.spec.flip)
+            if self.basis is not None and self.spec.pca_noise > 0:
+                image = transforms.pca_colour_noise(image, *self.basis, rng, self.spec.pca_noise)
+        elif self.mode == "ten":
+            image = transforms.ten_crop(image, self.spec.input_size)
         else:
             image = transforms.central_crop(image, self.spec.input_size)
         return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
@@ -76,30 +101,32 @@ class _Preprocess(grain.transforms.RandomMap):
 def train_loader(split: Split, spec: ImageSpec, mean: np.ndarray, *, batch_size: int, seed: int,
                  worker_count: int = 0, shard_index: int = 0, shard_count: int = 1) -> grain.DataLoader:
     """An endless, shuffled, augmented stream of full batches (this host's shard)."""
+    basis = colour_basis(split, spec) if spec.pca_noise > 0 and spec.channels == 3 else None
     if len(split) < batch_size * shard_count:
         raise ValueError(f"{split.name}/{split.split} has {len(split)} examples, fewer than one "
                          f"global batch of {batch_size * shard_count}: lower --config.batch_size")
     shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(len(split), shard_options=shard, shuffle=True,
                                           num_epochs=None, seed=seed)
-    ops = [_Preprocess(spec, mean, train=True), grain.transforms.Batch(batch_size, drop_remainder=True)]
+    ops = [_Preprocess(spec, mean, "train", basis), grain.transforms.Batch(batch_size, drop_remainder=True)]
     return grain.DataLoader(data_source=split.source, sampler=sampler, operations=ops,
                             worker_count=worker_count)
 
 
 def eval_batches(split: Split, spec: ImageSpec, mean: np.ndarray, *, batch_size: int,
-                 limit: int | None = None):
+                 limit: int | None = None, crops: str = "centre"):
     """One pass over the split in order, every batch padded to `batch_size` with a 0/1 'mask'
-    (so evaluation compiles once and counts every example exactly once)."""
+    (so evaluation compiles once and counts every example exactly once). `crops='ten'`
+    gives images of shape (B, 10, S, S, C): corners, centre and their mirrors."""
     n = min(len(split), limit or len(split))
     sampler = grain.samplers.IndexSampler(n, shuffle=False, num_epochs=1, seed=0)
     loader = grain.DataLoader(data_source=split.source, sampler=sampler,
-                              operations=[_Preprocess(spec, mean, train=False),
+                              operations=[_Preprocess(spec, mean, crops),
                                           grain.transforms.Batch(batch_size, drop_remainder=False)])
     for batch in loader:
         size = len(batch["label"])
         pad = batch_size - size
-        yield {"image": np.pad(batch["image"], ((0, pad), (0, 0), (0, 0), (0, 0))),
+        yield {"image": np.pad(batch["image"], ((0, pad),) + ((0, 0),) * (batch["image"].ndim - 1)),
                "label": np.pad(batch["label"], (0, pad)),
                "mask": np.pad(np.ones(size, np.float32), (0, pad))}
 

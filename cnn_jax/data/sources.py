@@ -8,11 +8,15 @@ same code path that serves ImageNet serves it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cnn_jax.data import transforms
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))
 DIGITS_VALIDATION = 300  # held-out examples; the remaining 1,497 train
@@ -75,6 +79,107 @@ class Split:
         return len(self.source)
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FOLDER_VALIDATION = 0.1  # fraction held out (by a hash of the file name) when there is no val/ folder
+
+PREPARE_HINT = ("prepare it on a machine with network access: `pip install -e '.[prepare]'` then "
+                "`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy the "
+                "folder here (or pass --config.data_dir)")
+HINTS = {
+    "imagenet2012": ("imagenet2012 needs the ILSVRC-2012 tar files (ILSVRC2012_img_train.tar, "
+                     "ILSVRC2012_img_val.tar) in {data_dir}/downloads/manual, then `pip install -e "
+                     "'.[prepare]'` and `tfds build imagenet2012 --data_dir={data_dir} "
+                     "--file_format=array_record`"),
+}
+
+
+class FolderSource:
+    """Random access to root/<class>/<image>: decoded (and converted to RGB) when read.
+
+    A file that cannot be decoded when read (a truncated JPEG that passed the scan) is
+    replaced by the next readable one, with a warning, and counted in `bad_reads`: an epoch
+    never stops for one bad file.
+    """
+
+    def __init__(self, files: list[tuple[str, int]], root: str):
+        self.files, self.root, self.bad_reads = files, root, 0
+
+    def __len__(self):
+        return len(self.files)
+
+    def __repr__(self):  # stable across processes (grain workers)
+        return f"FolderSource({self.root!r}, {len(self.files)} files)"
+
+    def __getitem__(self, index):
+        for attempt in range(min(len(self.files), 16)):
+            path, label = self.files[(index + attempt) % len(self.files)]
+            try:
+                return {"image": transforms.decode(pathlib.Path(path).read_bytes(), name=path), "label": label}
+            except (ValueError, OSError) as err:
+                self.bad_reads += 1
+                logging.warning("skipping unreadable image: %s", err)
+        raise DatasetError(f"{self.root}: 16 images in a row could not be read near index {index}")
+
+
+def _readable(path: pathlib.Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()  # header and structure, without decoding every pixel
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _in_validation(relative: str) -> bool:
+    digest = hashlib.sha1(relative.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < FOLDER_VALIDATION
+
+
+def scan_folder(root: pathlib.Path, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(files with labels, class names) of a folder of class folders.
+
+    With root/train and root/val (or root/validation), those are the splits; otherwise 10%
+    of every class is held out for 'validation' by a hash of the file's path. Non-image and
+    unreadable files are skipped with one warning that counts them.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist")
+    if (root / "train").is_dir():
+        names = ["train"] if split == "train" else ["val", "validation", split]
+        folder = next((root / n for n in names if (root / n).is_dir()), None)
+        if folder is None:
+            raise DatasetError(f"image folder {root} has train/ but no {split!r} folder (tried {names})")
+        return scan_classes(folder, class_root=root / "train")
+    files, classes = scan_classes(root, class_root=root)
+    want_val = split != "train"
+    return [(f, c) for f, c in files if _in_validation(os.path.relpath(f, root)) == want_val], classes
+
+
+def scan_classes(root: pathlib.Path, class_root: pathlib.Path):
+    """Images of root/<class>/ for the classes named by the sub-folders of `class_root`."""
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
+    if len(classes) < 2:
+        raise DatasetError(f"image folder {class_root} has {len(classes)} class folder(s): a classifier "
+                           "needs at least two sub-folders of images, one per class")
+    files, skipped = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        entries = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
+        good = [p for p in images if p.stat().st_size > 0 and _readable(p)]
+        skipped += [p for p in images if p not in good]
+        if not good:
+            raise DatasetError(f"class folder {folder} has no readable images: add some or remove the folder")
+        files += [(str(p), label) for p in good]
+    if skipped:
+        logging.warning("skipped %d file(s) that are not readable images under %s, e.g. %s",
+                        len(skipped), root, ", ".join(str(p) for p in skipped[:3]))
+    return files, classes
+
+
 def _check_writable(data_dir: pathlib.Path):
     data_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(data_dir, os.W_OK):
@@ -82,8 +187,21 @@ def _check_writable(data_dir: pathlib.Path):
 
 
 def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
-    """Opens `split` of dataset `name`, preparing the offline default on first use."""
+    """Opens `split` of dataset `name`, preparing the offline default on first use.
+
+    `name`: 'digits' (offline), any prepared tensorflow-datasets name (imagenet2012, cifar10,
+    mnist, oxford_flowers102, ...), or 'folder:/path' for a folder of class folders.
+    Missing data fails at once with a one-line `DatasetError` saying how to get it; nothing
+    is downloaded.
+    """
     data_dir = pathlib.Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    if name.startswith("folder:"):
+        root = pathlib.Path(name.removeprefix("folder:")).expanduser().absolute()
+        files, classes = scan_folder(root, split)
+        if not files:
+            raise DatasetError(f"image folder {root} has no images for split {split!r}")
+        key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
+        return Split(name, split, FolderSource(files, str(root)), len(classes), data_dir / "folders" / key)
     if name in BUILDERS:
         builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record")
         if not builder.is_prepared():
@@ -97,11 +215,15 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         except tfds.core.registered.DatasetNotFoundError as err:
             raise DatasetError(f"unknown dataset {name!r}: use 'digits' or a tensorflow-datasets name") from err
         if not builder.is_prepared():
-            raise DatasetError(f"dataset {name!r} is not prepared in {data_dir}: prepare it with "
-                               f"tensorflow-datasets (`tfds build {name} --data_dir={data_dir} "
-                               f"--file_format=array_record`) or pass --config.data_dir")
+            hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=data_dir)
+            raise DatasetError(f"dataset {name!r} is not prepared in {data_dir} (no download is "
+                               f"attempted): {hint}")
     if split not in builder.info.splits:
         raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
     label = builder.info.features["label"]
-    return Split(name, split, builder.as_data_source(split=split), label.num_classes,
-                 pathlib.Path(builder.data_dir))
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as err:  # noqa: BLE001 - e.g. prepared as tfrecord, which has no random access
+        raise DatasetError(f"dataset {name!r} in {data_dir} cannot be read by index ({type(err).__name__}); "
+                           f"rebuild it with --file_format=array_record") from None
+    return Split(name, split, source, label.num_classes, pathlib.Path(builder.data_dir))

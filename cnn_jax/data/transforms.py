@@ -58,3 +58,48 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
     top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
     out = image[top:top + size, left:left + size]
     return out[:, ::-1] if flip and rng.random() < 0.5 else out
+
+
+def decode(data: bytes, *, name: str = "image") -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W, 3) RGB. Grey, palette, RGBA, CMYK and 16-bit images are
+    converted (16-bit scaled to 8 bits, alpha dropped); anything unreadable raises
+    ValueError naming the file."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(img, np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+                return grey_to_rgb(np.round(array * (255.0 / peak)).astype(np.uint8))
+            return np.asarray(img.convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
+        raise ValueError(f"{name}: cannot decode ({type(err).__name__}: {err})") from None
+
+
+def pca_basis(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues (3,), eigenvectors (3, 3) as columns) of the RGB covariance of `pixels`
+    (N, 3), in the units of `pixels`: the paper's colour PCA over the training set."""
+    cov = np.cov(np.asarray(pixels, np.float64), rowvar=False)
+    values, vectors = np.linalg.eigh(cov)
+    return values[::-1].copy(), vectors[:, ::-1].copy()
+
+
+def pca_colour_noise(image: np.ndarray, eigenvalues: np.ndarray, eigenvectors: np.ndarray,
+                     rng: np.random.Generator, std: float = 0.1) -> np.ndarray:
+    """Adds sum_i p_i * alpha_i * lambda_i to every pixel, alpha_i ~ N(0, std), drawn once
+    per call (once per image per use), as in the paper's section 4.1."""
+    alpha = rng.normal(0.0, std, size=3)
+    shift = eigenvectors @ (alpha * eigenvalues)
+    return image + shift.astype(image.dtype)
+
+
+def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """(10, size, size, C): four corners and the centre, then their mirrors (the paper's test)."""
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the {size}x{size} crop")
+    origins = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
+    crops = [image[t:t + size, l:l + size] for t, l in origins]
+    return np.stack(crops + [c[:, ::-1] for c in crops])
