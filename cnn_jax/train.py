@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
+import threading
 import time
 from typing import Any
 
@@ -158,6 +159,39 @@ def _after_eval(state: TrainState, error: float, config) -> TrainState:
                          opt_state=optim.set_lr_scale(state.opt_state, plateau.scale))
 
 
+def overlapped_step(runner, state, data, rng):
+    """One step with the next batch prepared while the device computes.
+
+    Returns (state, stats, data_wait): the seconds the device sat idle waiting for the host
+    to finish preparing the next batch (a watcher thread notes when the step's outputs are
+    ready; preparation that ends before that cost nothing).
+    """
+    state, stats = runner.step(state, runner.place(data.pending), rng)
+    ready = {}
+
+    def watch():
+        jax.block_until_ready(stats)
+        ready["t"] = time.perf_counter()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        data.advance()
+        prepared = time.perf_counter()
+        watcher.join()
+    except KeyboardInterrupt as interrupt:  # the old state was donated: hand out the new one
+        raise StepInterrupted(state) from interrupt
+    return state, jax.device_get(stats), max(0.0, prepared - ready["t"])
+
+
+class StepInterrupted(KeyboardInterrupt):
+    """Ctrl-C after a step was dispatched; `state` is the state that step produces."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+
 def _step_of(state) -> int:
     return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # pmap: one per device
 
@@ -196,9 +230,9 @@ def train_and_evaluate(config, workdir) -> dict:
                                   config.batch_size)
     parallel.check_batch(config.eval_batch_size, mesh)
     state = jax.device_put(state, runner.state_shardings)
-    data_iter = iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size // processes,
+    data_iter = pipeline.Lookahead(iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size // processes,
                                            seed=config.seed, worker_count=config.workers,
-                                           shard_index=process, shard_count=processes))
+                                           shard_index=process, shard_count=processes)))
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                         keep=config.keep_checkpoints)
     state, resumed = ckpt.restore_latest(state, data_iter)
@@ -230,13 +264,10 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         while step < total_steps:
             t0, position = time.perf_counter(), data_iter.get_state()
-            batch = next(data_iter)
-            t1 = time.perf_counter()
-            state, stats = runner.step(state, runner.place(batch), dropout_key)
-            stats = jax.device_get(stats)
+            state, stats, waited = overlapped_step(runner, state, data_iter, dropout_key)
             step = _step_of(state)
             check_finite(float(stats["loss"]), step)
-            wait_frac = (t1 - t0) / (time.perf_counter() - t0)
+            wait_frac = waited / (time.perf_counter() - t0)
             window.append(stats | {"data_wait": wait_frac, "seconds": time.perf_counter() - t0})
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{config.batch_size / window[-1]['seconds']:.1f}",
@@ -258,9 +289,12 @@ def train_and_evaluate(config, workdir) -> dict:
                                                               runner.state_shardings))
             if ckpt.manager.should_save(step) or step == total_steps:
                 ckpt.save(step, runner.host_state(state), data_iter, force=True)
-    except KeyboardInterrupt:
-        if _step_of(state) == step:  # the batch drawn for the unfinished step is drawn again
-            data_iter.set_state(position)
+    except KeyboardInterrupt as interrupt:
+        state = getattr(interrupt, "state", state)
+        data_iter.set_state(position)  # the batch of the interrupted step, then skip it if it ran
+        if _step_of(state) > step:
+            step = _step_of(state)
+            data_iter.advance()
         bar.write(f"interrupted: saving step {step} to {ckpt.directory}; run the same command to resume")
         ckpt.save(step, runner.host_state(state), data_iter, force=True)
         raise

@@ -131,6 +131,36 @@ def eval_batches(split: Split, spec: ImageSpec, mean: np.ndarray, *, batch_size:
                "mask": np.pad(np.ones(size, np.float32), (0, pad))}
 
 
+class Lookahead:
+    """A stream one batch ahead, so the next batch is prepared while the device trains.
+
+    `pending` is the next batch to train on; `advance()` loads the one after it. The saved
+    position (`get_state`) is that of `pending`, so a checkpoint taken between steps resumes
+    with exactly the batch that would have come next.
+    """
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+        self._load()
+
+    def _load(self):
+        self.position = self.iterator.get_state()
+        self.pending = next(self.iterator)
+
+    def advance(self):
+        self._load()
+
+    def get_state(self):
+        return self.position
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+        self._load()
+
+    def __getattr__(self, name):  # anything else grain's checkpoint handler asks of the stream
+        return getattr(self.iterator, name)
+
+
 def iterator_save_args(iterator):
     """orbax checkpoint args that save the stream's position."""
     return grain.checkpoint.CheckpointSave(iterator)
