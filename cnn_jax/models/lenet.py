@@ -116,15 +116,17 @@ class EuclideanRBF(nn.Module):
         return jnp.sum(jnp.square(x[:, None, :] - w[None]), axis=-1)
 
 
-@register("lenet5")
-class LeNet5(nn.Module):
-    """The paper's LeNet-5; returns -RBF penalties as float32 logits (10 classes only)."""
-
+class _LeNet(nn.Module):
     input_shape = (32, 32, 1)
 
     num_classes: int = 10
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+
+@register("lenet5")
+class LeNet5(_LeNet):
+    """The paper's LeNet-5; returns -RBF penalties as float32 logits (10 classes only)."""
 
     @checks_geometry
     @nn.compact
@@ -147,14 +149,8 @@ class LeNet5(nn.Module):
 
 
 @register("lenet5_modern")
-class LeNet5Modern(nn.Module):
+class LeNet5Modern(_LeNet):
     """LeNet-5's shape with today's parts: ReLU, 2x2 max pooling, full C3, softmax head."""
-
-    input_shape = (32, 32, 1)
-
-    num_classes: int = 10
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
