@@ -1,6 +1,5 @@
 """Data parallelism (jit, pmap) and AlexNet's two towers on 8 simulated CPU devices."""
 
-import functools
 
 import chex
 import jax

@@ -8,7 +8,6 @@ conv2, conv4, conv5, fc6 and fc7, 0 elsewhere.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax.numpy as jnp
