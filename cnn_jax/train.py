@@ -230,9 +230,9 @@ def train_and_evaluate(config, workdir) -> dict:
                                   config.batch_size)
     parallel.check_batch(config.eval_batch_size, mesh)
     state = jax.device_put(state, runner.state_shardings)
-    data_iter = pipeline.Lookahead(iter(pipeline.train_loader(train_split, spec, mean, batch_size=config.batch_size // processes,
-                                           seed=config.seed, worker_count=config.workers,
-                                           shard_index=process, shard_count=processes)))
+    data_iter = pipeline.Lookahead(iter(pipeline.train_loader(
+        train_split, spec, mean, batch_size=config.batch_size // processes, seed=config.seed,
+        worker_count=config.workers, shard_index=process, shard_count=processes)))
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
                         keep=config.keep_checkpoints)
     state, resumed = ckpt.restore_latest(state, data_iter)
@@ -259,13 +259,15 @@ def train_and_evaluate(config, workdir) -> dict:
                 **{f"ten_crop_{k}": v for k, v in run_eval(host, "ten").items()}}
 
     step, window, result = _step_of(state), [], {}
+    position, step_before = data_iter.get_state(), step  # the stream and step last committed
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",
                unit="step", dynamic_ncols=True)
     try:
         while step < total_steps:
-            t0, position = time.perf_counter(), data_iter.get_state()
+            t0 = time.perf_counter()
             state, stats, waited = overlapped_step(runner, state, data_iter, dropout_key)
             step = _step_of(state)
+            position, step_before = data_iter.get_state(), step
             check_finite(float(stats["loss"]), step)
             wait_frac = waited / (time.perf_counter() - t0)
             window.append(stats | {"data_wait": wait_frac, "seconds": time.perf_counter() - t0})
@@ -291,10 +293,10 @@ def train_and_evaluate(config, workdir) -> dict:
                 ckpt.save(step, runner.host_state(state), data_iter, force=True)
     except KeyboardInterrupt as interrupt:
         state = getattr(interrupt, "state", state)
-        data_iter.set_state(position)  # the batch of the interrupted step, then skip it if it ran
-        if _step_of(state) > step:
-            step = _step_of(state)
+        data_iter.set_state(position)  # back to the last committed position ...
+        if _step_of(state) > step_before:  # ... past the batch of a step that ran but was not committed
             data_iter.advance()
+        step = _step_of(state)
         bar.write(f"interrupted: saving step {step} to {ckpt.directory}; run the same command to resume")
         ckpt.save(step, runner.host_state(state), data_iter, force=True)
         raise
