@@ -79,9 +79,6 @@ class Checkpointer:
         if steps:
             self.manager.reload()
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
