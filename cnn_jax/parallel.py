@@ -78,14 +78,18 @@ def _path(keypath) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
 
 
-def tree_shardings(tree, mesh: Mesh, rules=()):
-    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs), from `rules`.
-
-    Rules match parameter paths, so the optimiser's copies of the parameters (momentum)
-    shard like the parameters themselves.
-    """
+def tree_specs(tree, rules=()):
+    """A PartitionSpec for every leaf of `tree` (arrays or ShapeDtypeStructs), from `rules`;
+    scalars are replicated. Rules match parameter paths, so the optimiser's copies of the
+    parameters (momentum) shard like the parameters themselves."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: NamedSharding(mesh, spec_for(_path(kp), rules) if np.ndim(leaf) else P()), tree)
+        lambda kp, leaf: spec_for(_path(kp), rules) if np.ndim(leaf) else P(), tree)
+
+
+def tree_shardings(tree, mesh: Mesh, rules=()):
+    """`tree_specs` as NamedShardings on `mesh`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, rules),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def place_batch(batch: dict, mesh: Mesh) -> dict:
@@ -115,8 +119,7 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
     def apply(variables, x, *, train: bool, rngs=None, mutable=False):
         if mutable:
             raise ValueError("the two-tower model keeps no mutable state")
-        specs = jax.tree_util.tree_map_with_path(lambda kp, _: spec_for(_path(kp), model.partition_rules),
-                                                 variables)
+        specs = tree_specs(variables, model.partition_rules)
         key = (rngs or {}).get("dropout", jax.random.key(0))
 
         def body(v, images, key):
