@@ -49,4 +49,4 @@ def test_mean_image_is_the_per_pixel_mean_and_cached(data_dir):
     mean = pipeline.mean_image(split, SPEC)
     expected = np.mean([pipeline.decode(split.source[i], SPEC).astype(np.float64) for i in range(len(split))], 0)
     np.testing.assert_allclose(mean, expected, rtol=1e-5)
-    assert list(split.cache_dir.glob("mean_image_validation_32_3.npy"))
+    assert list(split.cache_dir.glob("mean_image_validation_32_3.npz"))

@@ -40,40 +40,49 @@ def decode(record: dict, spec: ImageSpec) -> np.ndarray:
     return transforms.central_crop(image, spec.resize_size)
 
 
-def mean_image(split: Split, spec: ImageSpec) -> np.ndarray:
-    """Per-pixel mean of the decoded training images, float32; cached beside the dataset."""
-    path = pathlib.Path(split.cache_dir) / f"mean_image_{split.split}_{spec.resize_size}_{spec.channels}.npy"
+def _cached(path: pathlib.Path, compute) -> dict:
+    """The arrays `compute()` returns (a dict), cached at `path` (.npz) beside the dataset.
+
+    A read-only data dir only costs the cache: a warning, and the arrays are still returned.
+    """
     if path.exists():
-        return np.load(path)
-    total = np.zeros((spec.resize_size, spec.resize_size, spec.channels), np.float64)
-    for i in tqdm(range(len(split)), desc=f"mean image of {split.name}/{split.split}", leave=False):
-        total += decode(split.source[i], spec)
-    mean = (total / max(len(split), 1)).astype(np.float32)
+        with np.load(path) as cached:
+            return dict(cached)
+    arrays = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, mean)
-    except OSError as err:  # read-only data dir: keep going without the cache
-        logging.warning("could not cache the mean image at %s (%s)", path, err)
-    return mean
+        np.savez(path, **arrays)
+    except OSError as err:
+        logging.warning("could not cache %s (%s)", path, err)
+    return arrays
+
+
+def mean_image(split: Split, spec: ImageSpec) -> np.ndarray:
+    """Per-pixel mean of the decoded training images, float32; cached beside the dataset."""
+
+    def compute():
+        total = np.zeros((spec.resize_size, spec.resize_size, spec.channels), np.float64)
+        for i in tqdm(range(len(split)), desc=f"mean image of {split.name}/{split.split}", leave=False):
+            total += decode(split.source[i], spec)
+        return {"mean": (total / max(len(split), 1)).astype(np.float32)}
+
+    name = f"mean_image_{split.split}_{spec.resize_size}_{spec.channels}.npz"
+    return _cached(pathlib.Path(split.cache_dir) / name, compute)["mean"]
 
 
 def colour_basis(split: Split, spec: ImageSpec, max_images: int = 1000):
     """(eigenvalues, eigenvectors) of the RGB covariance of the training images, in the
     pipeline's 0..1 units, from up to `max_images` evenly spaced images; cached."""
-    path = pathlib.Path(split.cache_dir) / f"colour_pca_{split.split}_{spec.resize_size}.npz"
-    if path.exists():
-        cached = np.load(path)
-        return cached["values"], cached["vectors"]
-    step = max(1, len(split) // max_images)
-    pixels = np.concatenate([decode(split.source[i], spec)[::4, ::4].reshape(-1, 3)
-                             for i in range(0, len(split), step)]) / 255.0
-    values, vectors = transforms.pca_basis(pixels)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, values=values, vectors=vectors)
-    except OSError as err:
-        logging.warning("could not cache the colour PCA at %s (%s)", path, err)
-    return values, vectors
+
+    def compute():
+        step = max(1, len(split) // max_images)
+        pixels = np.concatenate([decode(split.source[i], spec)[::4, ::4].reshape(-1, 3)
+                                 for i in range(0, len(split), step)]) / 255.0
+        values, vectors = transforms.pca_basis(pixels)
+        return {"values": values, "vectors": vectors}
+
+    cached = _cached(pathlib.Path(split.cache_dir) / f"colour_pca_{split.split}_{spec.resize_size}.npz", compute)
+    return cached["values"], cached["vectors"]
 
 
 class _Preprocess(grain.transforms.RandomMap):
