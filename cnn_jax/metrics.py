@@ -12,16 +12,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def count_nonfinite(logits: jax.Array) -> jax.Array:
+    """Per-example 1.0 where any logit is NaN or infinite: a diverged net, reported apart."""
+    return jnp.any(~jnp.isfinite(logits), axis=-1).astype(jnp.float32)
+
+
 def topk_error(logits: jax.Array, labels: jax.Array, k: int = 1) -> jax.Array:
     """Per-example 1.0 where the label is not among the k highest logits, else 0.0.
 
-    Ties are counted against the model: a label whose logit equals the k-th largest but is
-    not strictly above enough others is in the top k only if fewer than k logits beat it.
-    With fewer than k classes every example is correct.
+    Ties count against the model: the label is in the top k only if fewer than k other
+    classes have a logit >= its own, so a collapsed net (all logits equal) scores 100%
+    error, not 0%. A row with any non-finite logit is an error too, since NaN compares false
+    and would otherwise pass. With at most k classes every finite example is correct.
     """
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    rank = jnp.sum(logits > label_logit, axis=-1)  # how many classes beat the label
-    return (rank >= k).astype(jnp.float32)
+    others = jnp.arange(logits.shape[-1]) != labels[:, None]
+    rank = jnp.sum((logits >= label_logit) & others, axis=-1)  # classes at or above the label
+    return jnp.maximum((rank >= k).astype(jnp.float32), count_nonfinite(logits))
 
 
 class Mean:

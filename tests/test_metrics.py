@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -37,3 +38,36 @@ def test_running_mean_is_weighted():
     mean.add(3.0, 4)  # 4 examples summing to 3
     mean.add(1.0, 1)
     assert mean.value == pytest.approx(4.0 / 5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_topk_error_counts_ties_against_the_model(k):
+    logits, labels = jnp.zeros((4, 10)), jnp.array([0, 3, 7, 9])  # a collapsed net
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, k), [1, 1, 1, 1])
+
+
+def test_topk_error_tie_below_the_kth_place_is_still_top_k():
+    logits, labels = jnp.array([[3.0, 1.0, 1.0, 0.0]]), jnp.array([1])  # one class above, one tied
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 2), [1])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 3), [0])
+
+
+@pytest.mark.parametrize("bad, where", [(np.nan, 2), (np.nan, 0), (np.inf, 0), (-np.inf, 2)])
+def test_topk_error_non_finite_rows_are_errors(bad, where):
+    logits = np.array([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]], np.float32)
+    logits[0, where] = bad  # label 0 is clearly first in the clean row
+    labels = jnp.array([0, 0])
+    for k in (1, 2, 3):
+        np.testing.assert_array_equal(metrics.topk_error(jnp.asarray(logits), labels, k), [1, 0])
+
+
+def test_topk_error_is_jittable_float32():
+    err = jax.jit(metrics.topk_error, static_argnums=2)(jnp.zeros((3, 5)), jnp.array([0, 1, 2]), 1)
+    assert err.shape == (3,) and err.dtype == jnp.float32
+
+
+def test_count_nonfinite_flags_rows_with_nan_or_inf():
+    logits = jnp.array([[0.0, 1.0], [np.nan, 1.0], [np.inf, 0.0], [0.0, -np.inf], [1e30, -1e30]])
+    counts = metrics.count_nonfinite(logits)
+    np.testing.assert_array_equal(counts, [0, 1, 1, 1, 0])
+    assert counts.dtype == jnp.float32
