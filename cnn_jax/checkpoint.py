@@ -1,8 +1,12 @@
-"""Checkpoints on orbax: train state and data-stream position, every N steps and at the end.
+"""Checkpoints on orbax: the train state every N steps and at the end.
+
+The data stream is a pure function of the step (see `data.pipeline`), so the step is the
+stream's whole position: nothing else needs saving to resume it exactly.
 
 Resuming takes the newest *readable* step: orbax reports a damaged finished step (a file
-deleted or truncated) as the latest and then fails to read it, so `restore_latest` falls
-back to older steps with a warning rather than crash or start over.
+deleted or truncated) as the latest and then fails to read it, so `restore_latest` falls back
+to older steps. Only real damage is set aside (renamed `unreadable-N`, by process 0, with the
+reason logged): a checkpoint of another model is an error that touches nothing.
 """
 
 from __future__ import annotations
@@ -13,72 +17,113 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from cnn_jax.data.pipeline import iterator_restore_args, iterator_save_args
+
+class CheckpointError(RuntimeError):
+    """Checkpoints that cannot be used; the message says which and what to do."""
+
+
+def _key(entry) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+
+def shapes(tree) -> dict:
+    """{'params/conv1/kernel': shape, ...} of a tree of arrays or orbax metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def mismatch(saved: dict, wanted: dict) -> str:
+    """'' when the two shape maps agree, else a short description of the first differences."""
+    missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+    changed = [f"{k} {saved[k]} vs {wanted[k]}" for k in sorted(saved.keys() & wanted.keys())
+               if saved[k] != wanted[k]]
+    parts = [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''} ({len(items)})"
+             for label, items in (("missing", missing), ("unexpected", extra), ("shape", changed)) if items]
+    return "; ".join(parts)
 
 
 class Checkpointer:
-    """Saves {'state': train state, 'data': iterator position} under `directory`."""
+    """Saves the train state under `directory` every `every_steps` steps, keeping `keep`."""
 
     def __init__(self, directory, *, every_steps: int, keep: int):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
-                                               create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
-        """Saves (asynchronously) when `step` is on the interval or `force`; True if it did."""
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_iter is not None:
-            items["data"] = iterator_save_args(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
 
-    def restore_latest(self, state, data_iter=None):
+    def save(self, step: int, state) -> None:
+        """Saves `state` as step `step` (asynchronously). Failures (a full disk, an unwritable
+        folder) raise CheckpointError; the previous checkpoints stay intact."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+        except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+            raise self._save_error(step, err) from None
+
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self._save_error(None, err) from None
+
+    def _save_error(self, step, err) -> CheckpointError:
+        kept = sorted(s for s in self.manager.all_steps() if s != step)
+        return CheckpointError(f"saving checkpoint {step if step is not None else ''} to {self.directory} failed "
+                               f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+                               f"kept: {kept or 'none'}: free space or choose another --workdir, then rerun")
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_latest(self, state, *, set_aside: bool = True):
         """(state, step) from the newest readable checkpoint, or (state, None) if there is none.
 
-        Raises RuntimeError, touching nothing, when checkpoints exist but none can be read.
-
-        `state` gives the structure, shapes and shardings to restore into; `data_iter` is
-        moved to the saved position in place.
+        `state` gives the structure, shapes and shardings to restore into. A checkpoint whose
+        arrays do not match `state` (another model or optimiser) raises CheckpointError and
+        touches nothing; unreadable ones are skipped, and set aside if `set_aside`.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        damaged = []
+        wanted, damaged = shapes(abstract), []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract)}
-            if data_iter is not None and self._has_stream_for_this_process(step):
-                items["data"] = iterator_restore_args(data_iter)
-            elif data_iter is not None:
-                logging.warning("checkpoint %d was written by a different number of processes: the "
-                                "train state is restored, the data stream restarts from its seed", step)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as err:  # noqa: BLE001 - any damage: try the previous step
-                logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                                self.directory, step, type(err).__name__, str(err).splitlines()[0][:200])
-                damaged.append(step)
+                saved = shapes(self.manager.item_metadata(step)["state"])
+            except Exception as err:  # noqa: BLE001 - unreadable metadata is damage
+                damaged.append((step, err))
                 continue
-            self._set_aside(damaged)
+            differs = mismatch(saved, wanted)
+            if differs:
+                raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model or optimiser "
+                                      f"({differs}): use the run's own config, or another --workdir")
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            except Exception as err:  # noqa: BLE001 - the arrays' files are damaged
+                damaged.append((step, err))
+                continue
+            self._set_aside(damaged, set_aside)
             return restored["state"], step
-        if self.manager.all_steps():
-            raise RuntimeError(f"no checkpoint in {self.directory} can be read (steps "
-                               f"{sorted(self.manager.all_steps())}); they are left untouched: move them "
-                               "away or choose another --workdir")
+        if damaged:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read (steps "
+                                  f"{[s for s, _ in damaged]}); they are left untouched: move them away or "
+                                  "choose another --workdir")
         return state, None
 
-    def _has_stream_for_this_process(self, step: int) -> bool:
-        """grain keeps one stream position per process: only usable with the same count."""
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        return (self.directory / str(step) / "data" / name).exists()
-
-    def _set_aside(self, steps):
-        """Renames unreadable steps to `unreadable-N` (kept for inspection) so training can
+    def _set_aside(self, damaged, rename: bool):
+        """Renames unreadable steps to `unreadable-N` (kept for inspection), so training can
         write those step numbers again."""
-        for step in steps:
+        for step, err in damaged:
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            if not rename:
+                logging.warning("checkpoint %s/%d is unreadable (%s); using an older one", self.directory, step, reason)
+                continue
             target = self.directory / f"unreadable-{step}"
             (self.directory / str(step)).rename(target)
-            logging.warning("moved the unreadable checkpoint to %s", target)
-        if steps:
+            logging.warning("checkpoint %s/%d is unreadable (%s): moved to %s", self.directory, step, reason, target)
+        if damaged:
             self.manager.reload()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

@@ -59,6 +59,23 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
 
+def barrier(name: str):
+    """Every process waits here for the others (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any: for decisions all must share."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def check_batch(global_batch: int, mesh: Mesh):
     data = mesh.shape["data"]
     if global_batch % data:
@@ -139,7 +156,7 @@ class Runner:
 
     state_shardings: the canonical layout (checkpoints, evaluation); place_state: canonical
     -> the runner's layout; host_state: the inverse; place: a host batch -> device arrays;
-    step and eval: the compiled functions.
+    step(state, batch, rng, prep) and eval(state, batch, prep, crops): the compiled functions.
     """
 
     mesh: Mesh
@@ -151,6 +168,10 @@ class Runner:
     step: Callable
     eval: Callable
 
+    def place_eval(self, batch: dict) -> dict:
+        """Evaluation runs jitted over the mesh in every mode: global arrays sharded on 'data'."""
+        return place_batch(batch, self.mesh)
+
 
 def apply_fn(model: nn.Module, mesh: Mesh) -> Callable:
     """The model's apply for this mesh: tower-sharded for models that declare partition rules."""
@@ -161,8 +182,9 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
                 eval_step: Callable, global_batch: int) -> Runner:
     """Builds the runner for `mode` ('jit' or 'pmap') over `mesh`.
 
-    `train_step(state, batch, rng, axis_name=None)` and `eval_step(state, batch)` are the
-    pure steps; the canonical state layout (what checkpoints hold) is `tree_shardings`'.
+    `train_step(state, batch, rng, prep, axis_name=None)` and `eval_step(state, batch, prep,
+    crops)` are the pure steps; `prep` (the preprocessor: image spec and dataset statistics)
+    is replicated. The canonical state layout (what checkpoints hold) is `tree_shardings`'.
     """
     if mode not in MODES:
         raise ValueError(f"unknown parallel mode {mode!r}: use one of {MODES}")
@@ -173,10 +195,15 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     state_sh = tree_shardings(abstract_state, mesh, rules)
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data"))
-    eval_fn = jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=replicated)
+    evals = {crops: jax.jit(functools.partial(eval_step, crops=crops), in_shardings=(state_sh, batch_sh, replicated),
+                            out_shardings=replicated) for crops in ("centre", "ten")}
+
+    def eval_fn(state, batch, prep, crops="centre"):
+        return evals[crops](state, batch, prep)
+
     canonical = functools.partial(jax.device_put, device=state_sh)
     if mode == "jit":
-        step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated),
+        step = jax.jit(train_step, in_shardings=(state_sh, batch_sh, replicated, replicated),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
         return Runner(mesh, mode, state_sh, canonical, canonical, lambda b: place_batch(b, mesh),
                       step, eval_fn)
@@ -184,14 +211,14 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
         raise ValueError("--config.parallel=pmap runs on one host with a (devices, 1) mesh")
     devices = mesh.devices.reshape(-1)
     n = len(devices)
-    pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data",
+    pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data", in_axes=(0, 0, 0, None),
                      devices=list(devices), donate_argnums=(0,))
 
     def shard(batch):
         return {k: np.asarray(v).reshape(n, -1, *np.shape(v)[1:]) for k, v in batch.items()}
 
-    def pmap_step(state, batch, rng):
-        state, stats = pstep(state, batch, jnp.broadcast_to(rng, (n, *rng.shape)))
+    def pmap_step(state, batch, rng, prep):
+        state, stats = pstep(state, batch, jnp.broadcast_to(rng, (n, *rng.shape)), prep)
         # Finish on every device before anything else is queued: a CPU all-reduce of this
         # program next to one of another program (evaluation) can wait on each other forever.
         jax.block_until_ready(state)

@@ -9,10 +9,12 @@ all of these without model-specific branches.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import logging
 import pathlib
-import threading
+import signal
 import time
 from typing import Any
 
@@ -26,11 +28,15 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from cnn_jax import evaluate, metrics, optim, viz
-from cnn_jax.checkpoint import Checkpointer
-from cnn_jax.data import pipeline
+from cnn_jax.checkpoint import CheckpointError, Checkpointer
+from cnn_jax.data import augment, pipeline, store
 from cnn_jax.data.sources import open_split
 from cnn_jax.models import get_model
+from cnn_jax.signals import RunStopped, StopSignals
+from cnn_jax.timing import StepClock
 from cnn_jax.writers import MetricWriter
+
+__all__ = ["RunStopped", "NonFiniteLossError", "TrainState", "train_step", "eval_step", "train_and_evaluate"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,18 +92,23 @@ def loss_and_metrics(state: TrainState, params, batch, rng, aux_weight: float):
     return loss, (stats, updates)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float = 0.3,
+def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight: float = 0.3,
                axis_name: str | None = None):
-    """One optimiser step. Pure: jit it (`make_train_step`) with the state donated.
+    """One optimiser step on a uint8 batch. Pure: jit it with the state donated.
 
+    `prep` (`data.augment.Preprocessor`) turns the stored squares into the network's input
+    on the device: mean subtraction, random crop and mirror, PCA colour noise. Its draws and
+    the dropout masks both come from `fold_in(rng, step)`.
     `axis_name`: only under `pmap`, where each device holds a slice of the batch; gradients,
     metrics and batch-norm statistics are then averaged over that axis.
     """
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    augment_key, dropout_key = jax.random.split(rng)
+    batch = {**batch, "image": prep.train(batch["image"], augment_key)}
     grad_fn = jax.grad(loss_and_metrics, argnums=1, has_aux=True)
-    grads, (stats, updates) = grad_fn(state, state.params, batch, rng, aux_weight)
+    grads, (stats, updates) = grad_fn(state, state.params, batch, dropout_key, aux_weight)
     if axis_name is not None:
         grads, stats, updates = jax.lax.pmean((grads, stats, updates), axis_name)
     param_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -107,30 +118,27 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, aux_weight: float
     return state, stats
 
 
-def eval_step(state: TrainState, batch: dict) -> dict:
-    """Sums over the batch of loss and top-1/top-5 errors, counting only mask == 1 examples.
+def eval_step(state: TrainState, batch: dict, prep=None, crops: str = "centre") -> dict:
+    """Sums over the batch of loss, top-1/top-5 errors and non-finite outputs, counting only
+    mask == 1 examples.
 
-    Images of shape (B, crops, H, W, C) are several views of each example (ten-crop): their
-    softmax outputs are averaged, as in the paper's test procedure.
+    With `prep`, uint8 images are cropped on the device ('centre' or 'ten'); without it,
+    `batch['image']` is the network's input. Images of shape (B, crops, H, W, C) are several
+    views of each example: their softmax outputs are averaged, as in the paper's test.
     """
-    images = batch["image"]
-    crops = images.shape[1] if images.ndim == 5 else 1
+    images = batch["image"] if prep is None else prep.evaluate(batch["image"], crops)
+    views = images.shape[1] if images.ndim == 5 else 1
     out = state.apply_fn(_variables(state, state.params), images.reshape(-1, *images.shape[-3:]), train=False)
     logits, _ = _split_outputs(out)
-    if crops > 1:
-        probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(-1, crops, logits.shape[-1]).mean(1)
+    bad = metrics.count_nonfinite(logits).reshape(-1, views).max(1)
+    if views > 1:
+        probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(-1, views, logits.shape[-1]).mean(1)
         logits = jnp.log(probs)
     mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
     return {"loss": jnp.sum(metrics.cross_entropy(logits, batch["label"]) * mask),
             "top1_error": jnp.sum(metrics.topk_error(logits, batch["label"], 1) * mask),
             "top5_error": jnp.sum(metrics.topk_error(logits, batch["label"], 5) * mask),
-            "count": jnp.sum(mask)}
-
-
-def check_finite(loss: float, step: int):
-    if not np.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss} at step {step}: lower --config.learning_rate or "
-                                 "check the data; checkpoints written so far are kept")
+            "nonfinite": jnp.sum(bad * mask), "count": jnp.sum(mask)}
 
 
 def _total_steps(config, steps_per_epoch: int) -> int:
@@ -159,159 +167,252 @@ def _after_eval(state: TrainState, error: float, config) -> TrainState:
                          opt_state=optim.set_lr_scale(state.opt_state, plateau.scale))
 
 
-def overlapped_step(runner, state, data, rng):
-    """One step with the next batch prepared while the device computes.
-
-    Returns (state, stats, data_wait): the seconds the device sat idle waiting for the host
-    to finish preparing the next batch (a watcher thread notes when the step's outputs are
-    ready; preparation that ends before that cost nothing).
-    """
-    state, stats = runner.step(state, runner.place(data.pending), rng)
-    ready = {}
-
-    def watch():
-        jax.block_until_ready(stats)
-        ready["t"] = time.perf_counter()
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        data.advance()
-        prepared = time.perf_counter()
-        watcher.join()
-    except KeyboardInterrupt as interrupt:  # the old state was donated: hand out the new one
-        raise StepInterrupted(state) from interrupt
-    return state, jax.device_get(stats), max(0.0, prepared - ready["t"])
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One device scalar: every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-class StepInterrupted(KeyboardInterrupt):
-    """Ctrl-C after a step was dispatched; `state` is the state that step produces."""
+class DeviceFeed:
+    """Batches placed on the devices `depth` steps ahead of use, read by worker threads
+    further ahead still, so the host prepares step n+2 while the device runs step n."""
 
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
+    def __init__(self, read, start: int, place, *, workers: int, depth: int = 2):
+        self.reader = pipeline.ReadAhead(read, start, workers=workers)
+        self.place, self.placed = place, collections.deque()
+        for _ in range(depth):
+            self.placed.append(self.place(next(self.reader)))
+
+    def next(self):
+        batch = self.placed.popleft()
+        self.placed.append(self.place(next(self.reader)))
+        return batch
+
+    def close(self):
+        self.placed.clear()
+        self.reader.close()
 
 
-def _step_of(state) -> int:
-    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])  # pmap: one per device
+def _prepared(split, spec, workers: int, process: int):
+    """The split's prepared store: made by process 0 while the others wait, then read by all
+    (a process that cannot see it, on a disk of its own, makes its own)."""
+    made = store.prepare(split, spec.store, workers=workers) if process == 0 else None
+    from cnn_jax import parallel
+
+    parallel.barrier(f"prepared:{split.split}")
+    return made or store.prepare(split, spec.store, workers=workers)
+
+
+def _statistics(train_store, process: int) -> dict:
+    from cnn_jax import parallel
+
+    stats = pipeline.statistics(train_store, write=process == 0) if process == 0 else None
+    parallel.barrier("statistics")
+    return stats or pipeline.statistics(train_store, write=False)
+
+
+class Run:
+    """One training run's pieces, built after every check passed; closed on every path."""
+
+    def __init__(self, config, workdir: pathlib.Path, stack: contextlib.ExitStack):
+        from cnn_jax import parallel
+
+        self.config, self.workdir = config, workdir
+        self.processes, self.process = jax.process_count(), jax.process_index()
+        self.mesh = parallel.make_mesh(tuple(config.mesh) or None)
+        spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels,
+                                  config.pca_noise, config.store_format)
+        train_split = open_split(config.dataset, config.train_split, config.data_dir)
+        eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
+        self.workers = config.workers or store.default_workers()
+        self.train_store = _prepared(train_split, spec, self.workers, self.process)
+        self.eval_store = _prepared(eval_split, spec, self.workers, self.process)
+        stats = _statistics(self.train_store, self.process)
+        self.prep = augment.make_preprocessor(stats["mean"], stats["eigenvalues"], stats["eigenvectors"],
+                                              input_size=spec.input_size, flip=spec.flip,
+                                              pca_noise=spec.pca_noise)
+        model = get_model(config.model_name, num_classes=train_split.num_classes, **config.model.to_dict())
+        self.stream = pipeline.TrainStream(self.train_store, batch_size=config.batch_size, seed=config.seed,
+                                           shard_index=self.process, shard_count=self.processes)
+        self.total_steps = _total_steps(config, self.stream.steps_per_epoch)
+        self.eval_every = config.eval_every_steps or self.stream.steps_per_epoch
+        root_key = jax.random.key(config.seed)
+        state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, self.total_steps),
+                                   (config.input_size, config.input_size, config.channels))
+        state = state.replace(apply_fn=parallel.apply_fn(model, self.mesh))
+        self.runner = parallel.make_runner(config.parallel, self.mesh, model, state,
+                                           functools.partial(train_step, aux_weight=config.aux_weight),
+                                           eval_step, config.batch_size)
+        self.state = jax.device_put(state, self.runner.state_shardings)
+        self.step_key = jax.random.fold_in(root_key, 1)
+        self.ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
+                                 keep=config.keep_checkpoints)
+        stack.callback(self.ckpt.close)
+        self.writer = stack.enter_context(MetricWriter(workdir, enabled=self.process == 0))
+
+    def evaluate(self, state, crops: str = "centre") -> dict:
+        """Mean loss and errors over the eval split; this process reads only its share."""
+        batches = pipeline.eval_batches(self.eval_store, batch_size=self.config.eval_batch_size,
+                                        limit=self.config.eval_limit, shard_index=self.process,
+                                        shard_count=self.processes, workers=self.workers)
+        sums = None
+        for batch in batches:
+            out = self.runner.eval(state, self.runner.place_eval(batch), self.prep, crops)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        return evaluate.summarise(jax.device_get(sums))
+
+    def save(self, step: int, state):
+        """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
+        if not bool(all_finite((state.params, state.opt_state))):
+            raise NonFiniteLossError(f"the parameters became NaN or infinite by step {step}; not saved. The newest "
+                                     f"finite checkpoint is {self._newest()}: lower --config.learning_rate and rerun "
+                                     "to resume from it")
+        self.ckpt.save(step, self.runner.host_state(state))
+
+    def _newest(self) -> str:
+        step = self.ckpt.latest_step()
+        return f"{self.ckpt.directory}/{step}" if step is not None else "none (the run starts over)"
+
+
+def _flush(run: Run, window: list, step: int, clock: StepClock, seconds: float):
+    """Brings a window of per-step device metrics to the host: NaN check, then log."""
+    if not window:
+        return
+    values = jax.device_get(window)
+    for offset, stats in enumerate(values):
+        if not np.isfinite(stats["loss"]):
+            failed = step - len(values) + offset + 1
+            raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
+                                     f"{run._newest()}: lower --config.learning_rate or check the data, then rerun "
+                                     "to resume from it")
+    means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    means["data_wait"] = clock.take()
+    means["images_per_second"] = run.config.batch_size * len(values) / max(seconds, 1e-9)
+    run.writer.write(step, {f"train/{k}": v for k, v in means.items()})
+    return means
 
 
 def train_and_evaluate(config, workdir) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint; returns final metrics.
 
-    Writes workdir/checkpoints (orbax), workdir/tensorboard and workdir/metrics.jsonl.
-    Ctrl-C saves a checkpoint at the current step before it stops. Runs on every device
-    (`config.mesh`, `config.parallel`); with several processes each reads its own shard.
+    Every check runs before any data is read. Writes workdir/config.json, checkpoints (orbax),
+    tensorboard/ and metrics.jsonl. SIGINT and SIGTERM save the current step and raise
+    `RunStopped`. Runs on every device (`config.mesh`, `config.parallel`); with several
+    processes each reads its own share of every batch.
     """
-    from cnn_jax import parallel
+    from cnn_jax import checks, parallel
+    from cnn_jax import workdir as workdirs
 
     parallel.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-    mesh = parallel.make_mesh(tuple(config.mesh) or None)
-    processes, process = jax.process_count(), jax.process_index()
-    if config.batch_size % processes:
-        raise ValueError(f"global batch {config.batch_size} does not divide across {processes} processes")
-    workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec = pipeline.ImageSpec(config.input_size, config.resize_size, config.flip, config.channels,
-                              config.pca_noise)
-    train_split = open_split(config.dataset, config.train_split, config.data_dir)
-    eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
-    mean = pipeline.mean_image(train_split, spec)
-    model = get_model(config.model_name, num_classes=train_split.num_classes, **config.model.to_dict())
-    steps_per_epoch = max(1, len(train_split) // config.batch_size)
-    total_steps = _total_steps(config, steps_per_epoch)
-    eval_every = config.eval_every_steps or steps_per_epoch
-    root_key = jax.random.key(config.seed)
-    state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, total_steps),
-                               (config.input_size, config.input_size, config.channels))
-    state = state.replace(apply_fn=parallel.apply_fn(model, mesh))
-    runner = parallel.make_runner(config.parallel, mesh, model, state,
-                                  functools.partial(train_step, aux_weight=config.aux_weight), eval_step,
-                                  config.batch_size)
-    parallel.check_batch(config.eval_batch_size, mesh)
-    state = jax.device_put(state, runner.state_shardings)
-    data_iter = pipeline.Lookahead(iter(pipeline.train_loader(
-        train_split, spec, mean, batch_size=config.batch_size // processes, seed=config.seed,
-        worker_count=config.workers, shard_index=process, shard_count=processes)))
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=config.checkpoint_every_steps,
-                        keep=config.keep_checkpoints)
-    state, resumed = ckpt.restore_latest(state, data_iter)
+    config = checks.check_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+    first = jax.process_index() == 0
+    workdir = workdirs.open_workdir(workdir)
+    with contextlib.ExitStack() as stack:
+        if first:
+            stack.enter_context(workdirs.workdir_lock(workdir))
+        for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,
+                                                 write=first):
+            print(f"config changed since the last run: {note}")
+        run = Run(config, workdir, stack)
+        return _train(run, stack)
+
+
+def _train(run: Run, stack: contextlib.ExitStack) -> dict:
+    config = run.config
+    state, resumed = run.ckpt.restore_latest(run.state, set_aside=run.process == 0)
+    step = 0
     if resumed is not None:
-        print(f"resumed from {ckpt.directory}/{resumed} (step {_step_of(state)} of {total_steps})")
-    state = runner.place_state(state)
-    writer = MetricWriter(workdir, enabled=process == 0)
-    dropout_key = jax.random.fold_in(root_key, 1)
-
-    def run_eval(host_state, crops="centre"):
-        return evaluate.evaluate_split(host_state, eval_split, spec, mean, eval_fn=runner.eval,
-                                       place=lambda b: parallel.place_batch(b, mesh),
-                                       batch_size=config.eval_batch_size, limit=config.eval_limit,
-                                       crops=crops)
-
+        step = resumed
+        print(f"resumed from {run.ckpt.directory}/{resumed} (step {step} of {run.total_steps})")
+    state = run.runner.place_state(state)
     if config.eval_only:
         if resumed is None:
-            raise RuntimeError(f"--config.eval_only: no checkpoint in {ckpt.directory}; train first "
-                               "or point --workdir at a run")
-        ckpt.close()
-        writer.close()
-        host = runner.host_state(state)
-        return {"step": _step_of(state), **run_eval(host),
-                **{f"ten_crop_{k}": v for k, v in run_eval(host, "ten").items()}}
-
-    step, window, result = _step_of(state), [], {}
-    position, step_before = data_iter.get_state(), step  # the stream and step last committed
-    bar = tqdm(total=total_steps, initial=step, desc=f"{config.model_name} on {config.dataset}",
-               unit="step", dynamic_ncols=True)
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            state, stats, waited = overlapped_step(runner, state, data_iter, dropout_key)
-            step = _step_of(state)
-            position, step_before = data_iter.get_state(), step
-            check_finite(float(stats["loss"]), step)
-            wait_frac = waited / (time.perf_counter() - t0)
-            window.append(stats | {"data_wait": wait_frac, "seconds": time.perf_counter() - t0})
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{config.batch_size / window[-1]['seconds']:.1f}",
-                            wait=f"{wait_frac:.0%}", refresh=False)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                means["images_per_second"] = config.batch_size / means.pop("seconds")
-                writer.write(step, {f"train/{k}": v for k, v in means.items()})
-                window = []
-            if step % eval_every == 0 or step == total_steps:
-                host = runner.host_state(state)
-                result = run_eval(host)
-                writer.write(step, {f"eval/{k}": v for k, v in result.items()})
-                bar.write(f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
-                          f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
-                if step % eval_every == 0:  # the cadence alone drives the schedule, so a run
-                    # cut short and resumed equals an uninterrupted one
-                    state = runner.place_state(jax.device_put(_after_eval(host, result["top1_error"], config),
-                                                              runner.state_shardings))
-            if ckpt.manager.should_save(step) or step == total_steps:
-                ckpt.save(step, runner.host_state(state), data_iter, force=True)
-    except KeyboardInterrupt as interrupt:
-        state = getattr(interrupt, "state", state)
-        data_iter.set_state(position)  # back to the last committed position ...
-        if _step_of(state) > step_before:  # ... past the batch of a step that ran but was not committed
-            data_iter.advance()
-        step = _step_of(state)
-        bar.write(f"interrupted: saving step {step} to {ckpt.directory}; run the same command to resume")
-        ckpt.save(step, runner.host_state(state), data_iter, force=True)
-        raise
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
-    host = runner.host_state(state)
+            raise CheckpointError(f"--config.eval_only: no checkpoint in {run.ckpt.directory}; train first "
+                                  "or point --workdir at a run")
+        host = run.runner.host_state(state)
+        return {"step": step, **run.evaluate(host),
+                **{f"ten_crop_{k}": v for k, v in run.evaluate(host, "ten").items()}}
+    if step >= run.total_steps and resumed is not None:
+        print(f"the run in {run.workdir} already finished step {run.total_steps}: evaluating it; raise "
+              "--config.num_epochs or --config.num_train_steps to train further")
+    stop = stack.enter_context(StopSignals())
+    clock = StepClock()
+    stack.callback(clock.close)
+    feed = DeviceFeed(run.stream.batch, step, run.runner.place, workers=run.workers) if step < run.total_steps else None
+    if feed is not None:
+        stack.callback(feed.close)
+    bar = stack.enter_context(tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
+                                   desc=f"{config.model_name} on {config.dataset}"))
+    window, result, saved, since, stopping = [], {}, resumed, time.perf_counter(), False
+    while step < run.total_steps:
+        # One process decides alone; several stop together, at a log step they agreed on.
+        if stopping or (run.processes == 1 and stop.signum is not None):
+            break
+        state, stats = run.runner.step(state, feed.next(), run.step_key, run.prep)
+        step += 1
+        clock.dispatched(step, stats)
+        window.append(stats)
+        clock.wait(step - 2)  # at most two steps queued on the device
+        bar.update(1)
+        if step % config.log_every_steps == 0 or step == run.total_steps:
+            means = _flush(run, window, step, clock, time.perf_counter() - since)
+            window, since = [], time.perf_counter()
+            bar.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{means['images_per_second']:.0f}",
+                            wait=f"{means['data_wait']:.0%}", refresh=False)
+            if run.processes > 1 and parallel_any(stop.signum is not None):
+                stopping, stop.signum = True, stop.signum or signal.SIGTERM
+        if step % run.eval_every == 0 or step == run.total_steps:
+            _flush(run, window, step, clock, time.perf_counter() - since)
+            window = []
+            host = run.runner.host_state(state)
+            result = run.evaluate(host)
+            run.writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+            bar.write(_eval_line(step, result))
+            if step % run.eval_every == 0:  # the cadence alone drives the schedule, so a run
+                # cut short and resumed equals an uninterrupted one
+                state = run.runner.place_state(jax.device_put(_after_eval(host, result["top1_error"], config),
+                                                              run.runner.state_shardings))
+            clock.pause()
+            since = time.perf_counter()
+        if run.ckpt.should_save(step) or step == run.total_steps:
+            _flush(run, window, step, clock, time.perf_counter() - since)
+            window = []
+            run.save(step, state)
+            saved = step
+            clock.pause()
+    if stop.signum is not None and step < run.total_steps:
+        _flush(run, window, step, clock, time.perf_counter() - since)
+        if saved != step:
+            run.save(step, state)
+        run.ckpt.wait()
+        name = signal.Signals(stop.signum).name
+        bar.write(f"{name}: saved step {step} to {run.ckpt.directory}; run the same command to resume")
+        raise RunStopped(stop.signum)
+    run.ckpt.wait()
+    host = run.runner.host_state(state)
     if not result:  # resumed at the end: evaluate what was restored
-        result = run_eval(host)
-    outputs = {"checkpoints": str(ckpt.directory), "tensorboard": str(writer.tb_dir),
-               "metrics_log": str(writer.jsonl_path)}
-    if process == 0 and _has_rgb_conv1(host.params):
-        outputs["conv1_kernels"] = str(viz.save_conv1_figure(jax.device_get(host.params), workdir / "conv1_kernels.png"))
-    return {"step": step, **result, "workdir": str(workdir), **outputs}
+        result = run.evaluate(host)
+    outputs = {"checkpoints": str(run.ckpt.directory), "tensorboard": str(run.writer.tb_dir),
+               "metrics_log": str(run.writer.jsonl_path)}
+    if run.process == 0 and _has_rgb_conv1(host.params):
+        outputs["conv1_kernels"] = str(viz.save_conv1_figure(jax.device_get(host.params),
+                                                             run.workdir / "conv1_kernels.png"))
+    return {"step": step, **result, "workdir": str(run.workdir), **outputs}
+
+
+def parallel_any(flag: bool) -> bool:
+    from cnn_jax import parallel
+
+    return parallel.any_process(flag)
+
+
+def _eval_line(step: int, result: dict) -> str:
+    line = (f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
+            f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
+    if result.get("nonfinite"):
+        line += f" ({result['nonfinite']:.0%} of outputs NaN or infinite, counted as errors)"
+    return line
 
 
 def _has_rgb_conv1(params) -> bool:

@@ -33,6 +33,12 @@ class MetricWriter:
         self._jsonl.flush()
 
     def close(self):
-        if self.enabled:
+        if self.enabled and not self._jsonl.closed:
             self._tb.close()
             self._jsonl.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

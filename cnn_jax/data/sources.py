@@ -73,10 +73,20 @@ class Split:
     split: str
     source: object
     num_classes: int
-    cache_dir: pathlib.Path  # where derived statistics (mean image) are cached
+    cache_dir: pathlib.Path  # where prepared stores and their statistics are written
+    fingerprint: str = ""  # changes when the split's contents may have changed
+    class_names: tuple = ()
 
     def __len__(self):
         return len(self.source)
+
+    def load(self, index: int, min_side: int = 0) -> dict:
+        """Example `index` decoded: {'image': uint8 HWC, 'label': int}. `min_side` lets a
+        source decode large JPEGs at reduced size (never below it), bounding memory."""
+        if hasattr(self.source, "load"):
+            return self.source.load(index, min_side)
+        record = self.source[index]
+        return {"image": np.asarray(record["image"]), "label": int(record["label"])}
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -94,31 +104,39 @@ HINTS = {
 
 
 class FolderSource:
-    """Random access to root/<class>/<image>: decoded (and converted to RGB) when read.
+    """Random access to root/<class>/<image>, decoded (and converted to RGB) when read.
 
-    A file that cannot be decoded when read (a truncated JPEG that passed the scan) is
-    replaced by the next readable one, with a warning, and counted in `bad_reads`: an epoch
-    never stops for one bad file.
+    A file that cannot be decoded raises ValueError naming it: the prepared store skips and
+    counts such files once, so no image ever stands in for another.
     """
 
     def __init__(self, files: list[tuple[str, int]], root: str):
-        self.files, self.root, self.bad_reads = files, root, 0
+        self.files, self.root = files, root
 
     def __len__(self):
         return len(self.files)
 
-    def __repr__(self):  # stable across processes (grain workers)
+    def __repr__(self):
         return f"FolderSource({self.root!r}, {len(self.files)} files)"
 
+    def load(self, index: int, min_side: int = 0) -> dict:
+        path, label = self.files[index]
+        try:
+            data = pathlib.Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read ({err})") from None
+        return {"image": transforms.decode(data, name=path, min_side=min_side), "label": label}
+
     def __getitem__(self, index):
-        for attempt in range(min(len(self.files), 16)):
-            path, label = self.files[(index + attempt) % len(self.files)]
-            try:
-                return {"image": transforms.decode(pathlib.Path(path).read_bytes(), name=path), "label": label}
-            except (ValueError, OSError) as err:
-                self.bad_reads += 1
-                logging.warning("skipping unreadable image: %s", err)
-        raise DatasetError(f"{self.root}: 16 images in a row could not be read near index {index}")
+        return self.load(index)
+
+    def fingerprint(self) -> str:
+        """Paths, sizes and modification times: a changed, added or removed file changes it."""
+        digest = hashlib.sha1()
+        for path, label in self.files:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 def _readable(path: pathlib.Path) -> bool:
@@ -201,7 +219,9 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         if not files:
             raise DatasetError(f"image folder {root} has no images for split {split!r}")
         key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
-        return Split(name, split, FolderSource(files, str(root)), len(classes), data_dir / "folders" / key)
+        source = FolderSource(files, str(root))
+        return Split(name, split, source, len(classes), data_dir / "folders" / key, source.fingerprint(),
+                     tuple(classes))
     if name in BUILDERS:
         builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record")
         if not builder.is_prepared():
@@ -226,4 +246,6 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
     except Exception as err:  # noqa: BLE001 - e.g. prepared as tfrecord, which has no random access
         raise DatasetError(f"dataset {name!r} in {data_dir} cannot be read by index ({type(err).__name__}); "
                            f"rebuild it with --file_format=array_record") from None
-    return Split(name, split, source, label.num_classes, pathlib.Path(builder.data_dir))
+    fingerprint = f"{builder.name}:{builder.version}:{split}:{builder.info.splits[split].num_examples}"
+    cache_dir = data_dir / "prepared" / f"{builder.name}-{builder.version}"  # beside, not inside, tfds's folder
+    return Split(name, split, source, label.num_classes, cache_dir, fingerprint)

@@ -49,6 +49,15 @@ def central_crop(image: np.ndarray, size: int) -> np.ndarray:
     return image[top:top + size, left:left + size]
 
 
+def crop(image: np.ndarray, top: int, left: int, size: int, mirror: bool = False) -> np.ndarray:
+    """The size x size patch at (top, left), mirrored left-right if `mirror`."""
+    h, w = image.shape[:2]
+    if not (0 <= top <= h - size and 0 <= left <= w - size):
+        raise ValueError(f"a {size}x{size} crop at ({top}, {left}) does not fit in a {h}x{w} image")
+    out = image[top:top + size, left:left + size]
+    return out[:, ::-1] if mirror else out
+
+
 def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
                      flip: bool = True) -> np.ndarray:
     """A uniformly placed size x size crop, mirrored left-right with probability 1/2."""
@@ -56,18 +65,37 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
     if h < size or w < size:
         raise ValueError(f"image {h}x{w} is smaller than the {size}x{size} crop")
     top, left = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-    out = image[top:top + size, left:left + size]
-    return out[:, ::-1] if flip and rng.random() < 0.5 else out
+    return crop(image, top, left, size, mirror=bool(flip and rng.random() < 0.5))
 
 
-def decode(data: bytes, *, name: str = "image") -> np.ndarray:
+def _decode_jpeg(data: bytes, min_side: int) -> np.ndarray | None:
+    """libjpeg-turbo through simplejpeg (several times PIL's speed), scaled down in the DCT
+    domain while both sides stay >= min_side; None where it cannot (CMYK, no simplejpeg)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
+    except Exception:  # noqa: BLE001 - let PIL try (and name the problem) instead
+        return None
+
+
+def decode(data: bytes, *, name: str = "image", min_side: int = 0) -> np.ndarray:
     """Encoded bytes -> uint8 (H, W, 3) RGB. Grey, palette, RGBA, CMYK and 16-bit images are
     converted (16-bit scaled to 8 bits, alpha dropped); anything unreadable raises
-    ValueError naming the file."""
+    ValueError naming the file. `min_side` > 0 lets JPEGs decode at reduced size (both
+    sides kept >= min_side), so an 8000x8000 photo never needs 190 MB of pixels."""
     import io
 
+    if data[:2] == b"\xff\xd8":
+        image = _decode_jpeg(data, min_side)
+        if image is not None:
+            return image
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if min_side and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, np.float64)
