@@ -7,6 +7,11 @@
 Each collective is named by the JAX name scope it was traced in (`op_name` metadata), so a
 test can check that the two-tower AlexNet talks across towers only inside its
 `tower_gather_<layer>` scopes, and at which layers.
+
+XLA writes replica groups in three forms, all read here: listed (`{{0,1},{2,3}}`), iota
+(`[2,2]<=[4]`) and, from jax 0.12 on, mesh axes (`mesh['data'=2,'model'=2] {'model'}`).
+Device ids in them are positions in the program's device assignment, i.e. in the mesh's
+flattened device order, not `Device.id`.
 """
 
 from __future__ import annotations
@@ -30,18 +35,59 @@ class Collective:
     op_name: str  # the JAX name scope, e.g. '.../tower_gather_conv3/all_gather'
 
 
+_IOTA = r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?"
+
+
+def _nums(text: str | None) -> list[int]:
+    return [int(d) for d in re.findall(r"\d+", text or "")]
+
+
+def _iota(dims: str, reshape: str, perm: str | None) -> np.ndarray:
+    """`[dims]<=[reshape]T(perm)`: an iota over `reshape`, transposed by `perm`, laid out as `dims`."""
+    ids = np.arange(int(np.prod(_nums(reshape)))).reshape(_nums(reshape))
+    return (ids.transpose(_nums(perm)) if perm else ids).reshape(_nums(dims))
+
+
+def _mesh_axes_groups(axes: str, device_ids: str | None, grouped: str) -> tuple:
+    """Groups from `mesh['a'=4,'b'=2] {'b'}`: the devices that differ only along the grouped axes.
+
+    A sub-axis `a:(pre)size` is the `size` factor of axis a after its `pre` major devices, so
+    each axis is first split into its referenced factors (and the fillers between them).
+    """
+    sizes = {name: int(n) for name, n in re.findall(r"'?([\w.-]+)'?=(\d+)", axes)}
+    refs: dict[str, list] = {}
+    for name, pre, size in re.findall(r"'?([\w.-]+)'?(?::\((\d+)\)(\d+))?", grouped):
+        refs.setdefault(name, []).append((int(pre), int(size)) if size else (1, sizes[name]))
+    shape, grouped_dims = [], []
+    for name, n in sizes.items():
+        done = 1  # product of this axis's factors laid out so far, major first
+        for pre, size in sorted(refs.get(name, [])):
+            if pre > done:
+                shape.append(pre // done)
+            grouped_dims.append(len(shape))
+            shape.append(size)
+            done = pre * size
+        if done < n:
+            shape.append(n // done)
+    iota = re.fullmatch(_IOTA, (device_ids or "").strip())
+    ids = (_iota(*iota.groups()) if iota else np.array(_nums(device_ids)) if device_ids
+           else np.arange(int(np.prod(list(sizes.values())))))
+    rest = [d for d in range(len(shape)) if d not in grouped_dims]
+    rows = ids.reshape(shape).transpose(rest + grouped_dims).reshape(-1, int(np.prod([shape[d] for d in grouped_dims])))
+    return tuple(tuple(int(d) for d in row) for row in rows)
+
+
 def _groups(line: str) -> tuple:
+    mesh = re.search(r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:,\s*device_ids=\((?P<ids>[^)]*\)?)\))?"
+                     r"\s*\{(?P<grouped>[^}]*)\}", line)
+    if mesh:  # newer XLA (jax 0.12): named mesh axes
+        return _mesh_axes_groups(mesh.group("axes"), mesh.group("ids"), mesh.group("grouped"))
     listed = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
     if listed:
         return tuple(tuple(int(d) for d in g.split(",") if d) for g in re.findall(r"\{([\d,]*)\}", listed.group(1)))
-    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
-    if iota:  # [G,S]<=[dims]T(perm): iota over dims, transposed by perm, split into G groups of S
-        g, s = int(iota.group(1)), int(iota.group(2))
-        dims = [int(d) for d in iota.group(3).split(",")]
-        ids = np.arange(int(np.prod(dims))).reshape(dims)
-        if iota.group(4):
-            ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
-        return tuple(tuple(int(d) for d in row) for row in ids.reshape(g, s))
+    iota = re.search(r"replica_groups=" + _IOTA, line)
+    if iota:  # [G,S]<=[dims]T(perm): G groups of S
+        return tuple(tuple(int(d) for d in row) for row in _iota(*iota.groups()))
     pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
     if pairs:
         return tuple(tuple(int(d) for d in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}", pairs.group(1)))
@@ -63,8 +109,8 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def axis_groups(mesh, axis: str) -> set[frozenset]:
-    """The sets of device ids that differ only along `axis` of `mesh`."""
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    """The sets of HLO device ids (mesh positions) that differ only along `axis` of `mesh`."""
+    ids = np.arange(mesh.devices.size).reshape(mesh.devices.shape)
     moved = np.moveaxis(ids, mesh.axis_names.index(axis), -1)
     return {frozenset(int(i) for i in row) for row in moved.reshape(-1, moved.shape[-1])}
 

@@ -170,3 +170,37 @@ def test_tower_traffic_matches_a_hand_count(tower_step_hlo):
         assert report[layer] == 2 * b * floats * 4, layer
     assert report["logits"] == b * 10 * 4
     print({k: int(v) for k, v in report.items()}, "bytes per device per step")
+
+
+# One all-gather line as XLA prints it, with each way of writing its replica groups.
+HLO_LINE = ('%ag = f32[2,4]{1,0} all-gather(%x), channel_id=1, replica_groups=GROUPS, dimensions={0}, '
+            'use_global_device_ids=true, metadata={op_name="jit(f)/shard_map/tower_gather_fc6/all_gather"}')
+PAIRS, COLUMNS = ((0, 1), (2, 3), (4, 5), (6, 7)), ((0, 2, 4, 6), (1, 3, 5, 7))
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ("{{0,1},{2,3},{4,5},{6,7}}", PAIRS),  # listed (jax 0.10)
+    ("[4,2]<=[8]", PAIRS),  # iota
+    ("[2,4]<=[4,2]T(1,0)", COLUMNS),
+    ("mesh['data'=4,'model'=2] {'model'}", PAIRS),  # mesh axes (jax 0.12)
+    ("mesh['data'=4,'model'=2] {'data'}", COLUMNS),
+    ("mesh['data'=4,'model'=2] {'data','model'}", ((0, 1, 2, 3, 4, 5, 6, 7),)),
+    ("mesh[data=4,model=2] {model}", PAIRS),
+    ("mesh['a'=8] {'a':(1)2}", ((0, 4), (1, 5), (2, 6), (3, 7))),  # sub-axis: the major factor 2
+    ("mesh['a'=8] {'a':(4)2}", PAIRS),  # the minor factor 2
+    ("mesh['a'=8] {'a':(1)2,'a':(4)2}", ((0, 1, 4, 5), (2, 3, 6, 7))),
+    ("mesh['data'=2,'model'=2], device_ids=(0,2,1,3) {'model'}", ((0, 2), (1, 3))),
+    ("mesh['data'=2,'model'=2], device_ids=([2,2]<=[2,2]T(1,0)) {'model'}", ((0, 2), (1, 3))),
+])
+def test_collective_parser_reads_every_replica_group_form(groups, expected):
+    (op,) = comms.collectives(HLO_LINE.replace("GROUPS", groups))
+    assert (op.kind, op.result_bytes, op.groups) == ("all-gather", 32, expected)
+    assert comms.scope_of(op) == "fc6"
+
+
+def test_collectives_are_placed_on_the_mesh_by_position_not_device_id():
+    mesh = jax.sharding.Mesh(np.array(jax.devices())[[0, 2, 4, 6, 1, 3, 5, 7]].reshape(4, 2), ("data", "model"))
+    psum = jax.shard_map(lambda x: jax.lax.psum(x, "model"), mesh=mesh, in_specs=P("data", "model"),
+                         out_specs=P("data"))
+    (op,) = comms.collectives(jax.jit(psum).lower(jnp.ones((8, 4))).compile().as_text())
+    assert op.kind == "all-reduce" and comms.along(op, mesh, "model") and not comms.along(op, mesh, "data")
