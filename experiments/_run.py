@@ -2,19 +2,30 @@
 
 Each experiment module defines `get_config()` and calls `run(get_config)`; the flags
 `--config.x=...` override declared keys only (the config is locked: a typo is an error).
+The whole config is checked before any data is read. Exit status: 0 done, 2 a user error
+(one line on stderr: the flag and the fix), 1 a failed run (one line), 128 + N stopped by
+signal N after saving (130: Ctrl-C, 143: SIGTERM).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 
-from absl import app, flags, logging
+import jax
+from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
+from cnn_jax import checks
+from cnn_jax.checks import ConfigError
 from cnn_jax.data.sources import DatasetError
-from cnn_jax.train import NonFiniteLossError, train_and_evaluate
+from cnn_jax.data.store import StoreError
+from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
+from cnn_jax.workdir import WorkdirError
+
+USER_ERRORS = (ConfigError, WorkdirError, DatasetError, StoreError)  # exit status 2
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -27,9 +38,10 @@ def base_config() -> config_dict.ConfigDict:
     c.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.train_split, c.eval_split = "train", "validation"
     c.input_size, c.resize_size, c.channels = 227, 256, 3
+    c.store_format = "raw"  # prepared images: 'raw' uint8 pixels, or 'jpeg' (smaller on disk, lossy)
     c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
     c.pca_noise = 0.1  # the paper's colour augmentation: alpha_i ~ N(0, 0.1); 0 turns it off
-    c.workers = 0
+    c.workers = 0  # read-ahead threads; 0: auto (one per core)
     # optimisation: the paper's rule and constants
     c.optimizer = "paper_sgd"
     c.learning_rate = 0.01
@@ -47,7 +59,7 @@ def base_config() -> config_dict.ConfigDict:
     c.num_epochs = 2.0
     c.num_train_steps = 0  # > 0 overrides num_epochs
     # evaluation, logging, checkpoints
-    c.eval_batch_size = 50
+    c.eval_batch_size = 0  # 0: auto, the smallest multiple of the 'data' axis (and processes) >= 50
     c.eval_every_steps = 0  # 0: once per epoch
     c.eval_limit = 0  # 0: the whole split
     c.eval_only = False  # evaluate the newest checkpoint (centre and ten-crop) and stop
@@ -56,6 +68,7 @@ def base_config() -> config_dict.ConfigDict:
     c.keep_checkpoints = 2  # an AlexNet state (params + momentum) is ~0.5 GB
     c.seed = 0
     c.smoke = False
+    c.allow_config_change = False  # resume a workdir with settings that change what is trained
     # devices
     c.parallel = "jit"  # or "pmap" (data parallel only)
     c.mesh = ()  # (data, model); empty: all devices on 'data'. Two towers: (N, 2)
@@ -71,34 +84,101 @@ def describe(c) -> str:
             f"batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
 
 
-def smoke(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
-    """A seconds-long version of `config` for tests and quick checks: few steps, small eval."""
+def smoke(config: config_dict.ConfigDict, given=frozenset()) -> config_dict.ConfigDict:
+    """A seconds-long version of `config` for tests and quick checks: few steps, small eval.
+    Keys in `given` (set on the command line) keep the user's values."""
+    values = {"num_train_steps": config.num_train_steps or 3, "batch_size": min(config.batch_size, 8),
+              "eval_limit": 32, "eval_every_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 3}
     with config.unlocked():
-        config.num_train_steps = config.num_train_steps or 3
-        config.batch_size = min(config.batch_size, 8)
-        config.eval_batch_size = min(config.eval_batch_size, 16)
-        config.eval_limit = 32
-        config.eval_every_steps = 3
-        config.log_every_steps = 1
-        config.checkpoint_every_steps = 3
+        for key, value in values.items():
+            if key not in given:
+                setattr(config, key, value)
     return config
 
 
-def _main(argv, describe):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: use --config.key=value")
-    config = flags.FLAGS.config
-    if config.smoke:
-        config = smoke(config)
-    workdir = flags.FLAGS.workdir or f"runs/{config.model_name}_{config.dataset}"
-    print(describe(config))
+def _items(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, config_dict.ConfigDict):
+            yield from _items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _given_key(arg: str) -> str | None:
+    """'batch_size' for --config.batch_size=8, --config.batch_size (value next) or --noconfig.flip."""
+    for prefix in ("--config.", "--noconfig."):
+        if arg.startswith(prefix):
+            return arg.removeprefix(prefix).split("=")[0]
+    return None
+
+
+def check_keys(argv, known):
+    """Every --config.key names a declared key (ml_collections would fail with a multi-line
+    error while defining the flag)."""
+    for key in filter(None, map(_given_key, argv[1:])):
+        if key == "model.num_classes":
+            raise ConfigError("--config.model.num_classes: the class count comes from the dataset "
+                              "(--config.dataset), not from a flag")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean --config.{close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key --config.{key}{hint} (keys: {', '.join(sorted(known))})")
+
+
+def parse_flags(get_config, argv) -> tuple[config_dict.ConfigDict, str | None, set[str]]:
+    """(the config with the flags applied, --workdir, the config keys the command line set),
+    parsed into a fresh FlagValues so that `main` can run more than once in a process."""
+    config = get_config()
+    check_keys(argv, [key for key, _ in _items(config)])
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, lock_config=True, flag_values=fv, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "output folder; a run there resumes (default runs/<model>_<dataset>)",
+                        flag_values=fv)
+    fv.append_flag_values(flags.FLAGS)  # absl's and the libraries' own flags (--verbosity, ...)
     try:
-        result = train_and_evaluate(config, workdir)
-    except (DatasetError, NonFiniteLossError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        rest = fv(list(argv))
+    except flags.Error as err:
+        raise ConfigError(str(err).splitlines()[0].removeprefix("flag ")) from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected argument(s) {' '.join(rest[1:])}: set values with "
+                          "--config.key=value and the output folder with --workdir=DIR")
+    flags.FLAGS.mark_as_parsed()  # libraries read the global flags (parsed above, in fv)
+    return fv.config, fv.workdir, set(config_flags.get_override_values(fv["config"]))
+
+
+def _processes(config) -> tuple[int, str]:
+    """The process count and coordinator as `jax.distributed` will see them (the environment wins)."""
+    return (int(os.environ.get("JAX_NUM_PROCESSES", config.num_processes)),
+            config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+
+
+def prepare(get_config, argv) -> tuple[config_dict.ConfigDict, str]:
+    """(config, workdir) from the command line, checked before anything is read or written.
+
+    One process: the whole config is checked here. Several: `train_and_evaluate` checks it
+    once `jax.distributed` is up (the device count is global only then), still before any
+    data is read.
+    """
+    config, workdir, given = parse_flags(get_config, argv)
+    if config.smoke:
+        config = smoke(config, given)
+    checks.check_processes(config)
+    count, coordinator = _processes(config)
+    if count > 1 and not coordinator:
+        raise ConfigError(f"--config.coordinator_address: {count} processes need the HOST:PORT of process 0: "
+                          "set --config.coordinator_address=HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
+    if count == 1:
+        config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
+    return config, workdir or f"runs/{config.model_name}_{config.dataset}"
+
+
+def usage(get_config) -> str:
+    doc = sys.modules[get_config.__module__].__doc__ or ""
+    keys = "\n".join(f"  --config.{key}={value!r}" for key, value in _items(get_config()))
+    return f"{doc.strip()}\n\nflags:\n  --workdir=DIR (default runs/<model>_<dataset>)\n{keys}"
+
+
+def report(config, result: dict):
     print(f"\n{'evaluated' if config.eval_only else 'finished at'} step {result['step']}: validation "
           f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "
           f"(loss {result['loss']:.3f})")
@@ -109,47 +189,43 @@ def _main(argv, describe):
         if key in result:
             print(f"  {key:<13} {result[key]}")
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
+
+
+def _error(err: BaseException, status: int) -> int:
+    message = " ".join(str(err).split("\n")) or type(err).__name__
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def main(get_config, argv, describe=describe) -> int:
+    """Runs the experiment for `argv` (argv[0]: the program) and returns the exit status.
+
+    Callable in-process (tests): each call parses into fresh flags. User errors print one
+    line `error: ...` and return 2; a run stopped by a signal returns 128 + its number.
+    """
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.WARNING)  # before parsing: --verbosity overrides it
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(usage(get_config))
+        return 0
+    try:
+        config, workdir = prepare(get_config, argv)
+        print(describe(config))
+        result = train_and_evaluate(config, workdir)
+    except USER_ERRORS as err:
+        return _error(err, 2)
+    except NonFiniteLossError as err:
+        return _error(err, 1)
+    except RunStopped as stop:  # saved already; the status says which signal
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError) as err:  # a run that cannot go on, e.g. eval_only with no checkpoint
+        return _error(err, 1)
+    report(config, result)
     return 0
 
 
-def _keys(config, prefix=""):
-    for key, value in config.items():
-        if isinstance(value, config_dict.ConfigDict):
-            yield from _keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
-
-
-def _unknown_key_error(argv, known) -> str | None:
-    """A one-line error for the first --config.key that the config does not declare."""
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        key = arg.split("=")[0].removeprefix("--config.")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean --config.{close[0]}?" if close else ""
-            return f"error: unknown config key --config.{key}{hint} (keys: {', '.join(sorted(known))})"
-    return None
-
-
-def _parse_flags(argv):
-    """absl parsing, with an ill-typed value as one line rather than a usage dump."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run(get_config, describe=describe):
-    """Defines the flags and runs training under absl."""
-    config = get_config()
-    message = _unknown_key_error(sys.argv, list(_keys(config)))
-    if message:  # ml_collections would raise a multi-line AttributeError while defining the flag
-        print(message, file=sys.stderr)
-        sys.exit(2)
-    config_flags.DEFINE_config_dict("config", config, lock_config=True)
-    flags.DEFINE_string("workdir", None, "output folder; a run there resumes (default runs/<model>_<dataset>)")
-    logging.set_verbosity(logging.WARNING)
-    app.run(lambda argv: sys.exit(_main(argv, describe)), flags_parser=_parse_flags)
+    """`python -m experiments.<name>`: `main` on the command line, its status the exit code."""
+    sys.exit(main(get_config, sys.argv, describe))

@@ -1,0 +1,291 @@
+"""The whole config checked before any data is read or any array is built.
+
+A typo should cost a second, not a dataset load and a compile: `check_config` raises a
+`ConfigError` whose message is one line that names the flag (`--config.batch_size`) and
+the fix, and returns a copy with the derived values filled in (`eval_batch_size=0`: auto).
+It is idempotent, so both the command line and `train_and_evaluate` may call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+
+import ml_collections
+
+from cnn_jax import optim, parallel
+from cnn_jax.data import store
+
+SCHEDULES = ("plateau", "constant", "step", "cosine")  # the names optim.make_schedule accepts
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+CHANNELS = (1, 3)
+EVAL_BATCH_TARGET = 50  # the auto eval batch: the smallest valid size at least this large
+EXPERIMENTS = ("alexnet", "lenet", "vgg", "googlenet", "resnet")  # experiments/<family>.py
+SHOWN = 3  # items listed in full in a message; the rest are counted
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line naming the flag and the fix."""
+
+
+# ---- small helpers ----------------------------------------------------------------------
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def _fail(key: str, value, why: str):
+    raise ConfigError(f"--config.{key}={_show(value)}: {why}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _listing(names, limit: int = 20) -> str:
+    names = list(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _suggest(value, choices) -> str:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def int_at_least(config, key: str, low: int, what: str = ""):
+    """`key` is an integer >= low (`what` replaces the default wording)."""
+    value = _get(config, key)
+    if not _is_int(value) or value < low:
+        _fail(key, value, what or ("must be a positive integer" if low == 1 else
+                                   f"must be an integer >= {low}"))
+
+
+def number_in(config, key: str, low: float, high: float = math.inf, *, low_open=False,
+              high_open=True, what: str = ""):
+    """`key` is a finite number in the interval; NaN and infinities are always errors."""
+    value = _get(config, key)
+    ok = (_is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        span = f"> {low:g}" if high == math.inf and low_open else (
+            f">= {low:g}" if high == math.inf else f"in {left}{low:g}, {high:g}{right}")
+        _fail(key, value, what or f"must be a finite number {span}")
+
+
+def choice(config, key: str, choices, what: str):
+    value = _get(config, key)
+    if value not in choices:
+        _fail(key, value, f"unknown {what}; {_suggest(value, choices)}choose one of {', '.join(map(str, choices))}")
+
+
+def multiple_hint(value: int, step: int) -> str:
+    """The valid sizes nearest `value` when sizes must be multiples of `step`."""
+    below = value // step * step
+    return f"{below} or {below + step}" if below > 0 else f"{step}"
+
+
+def auto_eval_batch(step: int, limit: int = 0, target: int = EVAL_BATCH_TARGET) -> int:
+    """The smallest multiple of `step` that is >= target (or >= limit when that is smaller:
+    a batch larger than the evaluated examples is padding)."""
+    want = min(target, limit) if limit > 0 else target
+    return max(1, math.ceil(want / step)) * step
+
+
+# ---- families of checks ------------------------------------------------------------------
+
+def check_model(config):
+    """model_name, the model's fields and its dtypes; returns the constructed module
+    (construction is cheap: flax builds nothing until `init`)."""
+    from cnn_jax.models import get_model, list_models
+
+    name, fields = config.model_name, _get(config, "model")
+    fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+    names = list_models()
+    if name not in names:
+        _fail("model_name", name, f"unknown model; {_suggest(name, names)}choose one of {_listing(names, 50)}")
+    if "num_classes" in fields:
+        raise ConfigError("--config.model.num_classes: the class count comes from the dataset "
+                          "(--config.dataset); remove num_classes from the model's config")
+    accepted = sorted(f.name for f in dataclasses.fields(get_model(name, num_classes=10))
+                      if f.name not in ("parent", "name", "num_classes"))
+    unknown = sorted(set(fields) - set(accepted))
+    if unknown:
+        family = next((f for f in EXPERIMENTS if name.startswith(f)), None)
+        fix = (f"run its own experiment, python -m experiments.{family} --config.model_name={name}"
+               if family else "remove it")
+        raise ConfigError(f"--config.model.{unknown[0]}: model {name!r} has no field {unknown[0]!r}"
+                          f"{f' (nor {_listing(unknown[1:], SHOWN)})' if unknown[1:] else ''}; "
+                          f"its fields are {', '.join(accepted)}: {fix}")
+    for key in ("dtype", "param_dtype"):
+        if key in fields:
+            check_dtype(f"model.{key}", fields[key])
+    try:
+        return get_model(name, num_classes=10, **fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--config.model_name={name}: {str(err).splitlines()[0]}") from None
+
+
+def check_dtype(key: str, value):
+    """A floating dtype name (or dtype); 'float33' fails here, not inside the first step."""
+    import jax.numpy as jnp
+
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        _fail(key, value, f"not a floating dtype; {_suggest(value, DTYPES)}use one of {', '.join(DTYPES)}")
+
+
+def check_optimisation(config):
+    choice(config, "optimizer", sorted(optim.OPTIMIZERS), "optimizer")
+    choice(config, "schedule", SCHEDULES, "schedule")
+    try:
+        optim.decay_mask(config.decay_mask)
+    except ValueError:
+        choice(config, "decay_mask", ("all", "kernels"), "weight-decay mask")
+    number_in(config, "learning_rate", 0.0, low_open=True)
+    number_in(config, "momentum", 0.0, 1.0)
+    number_in(config, "weight_decay", 0.0)
+    number_in(config, "lr_drop_factor", 0.0, 1.0, low_open=True, high_open=False)
+    int_at_least(config, "plateau_patience", 1)
+    int_at_least(config, "plateau_max_drops", 0)
+    int_at_least(config, "warmup_steps", 0)
+    number_in(config, "aux_weight", 0.0)
+    int_at_least(config, "seed", 0)
+    bounds = tuple(config.step_boundaries)
+    if not all(_is_int(b) and b > 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+        _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. "
+                                         "--config.step_boundaries='(30000, 60000)'")
+    if config.schedule == "cosine" and 0 < config.num_train_steps <= config.warmup_steps:
+        _fail("warmup_steps", config.warmup_steps, f"the cosine schedule must warm up in fewer than "
+                                                   f"--config.num_train_steps={config.num_train_steps} steps")
+
+
+def check_length(config):
+    """num_train_steps wins when > 0; otherwise num_epochs must be positive."""
+    int_at_least(config, "num_train_steps", 0)
+    number_in(config, "num_epochs", 0.0)
+    if config.num_train_steps == 0 and config.num_epochs <= 0:
+        _fail("num_epochs", config.num_epochs, "must be > 0, or set --config.num_train_steps to a "
+                                               "positive number of steps")
+
+
+def check_cadence(config):
+    """Logging, evaluation and checkpoint intervals (0 where it means 'default')."""
+    int_at_least(config, "log_every_steps", 1)
+    int_at_least(config, "checkpoint_every_steps", 1)
+    int_at_least(config, "keep_checkpoints", 1, "must be an integer >= 1 (checkpoints kept)")
+    int_at_least(config, "eval_every_steps", 0, "must be an integer >= 0 (0: once per epoch)")
+    int_at_least(config, "eval_limit", 0, "must be an integer >= 0 (0: the whole split)")
+
+
+def check_data(config):
+    for key in ("dataset", "train_split", "eval_split"):
+        if not isinstance(_get(config, key), str) or not _get(config, key):
+            _fail(key, _get(config, key), "must be a non-empty name")
+    int_at_least(config, "input_size", 1)
+    int_at_least(config, "resize_size", 1)
+    if config.resize_size < config.input_size:
+        _fail("resize_size", config.resize_size, f"must be >= --config.input_size={config.input_size} "
+                                                 "(crops are cut from the resized image)")
+    choice(config, "channels", CHANNELS, "channel count (1: grey, 3: RGB)")
+    choice(config, "store_format", store.FORMATS, "store format")
+    number_in(config, "pca_noise", 0.0)
+    int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")
+
+
+def check_processes(config):
+    """The multi-process settings, checked before `jax.distributed` is started with them."""
+    int_at_least(config, "num_processes", 1)
+    if not _is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
+        _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} "
+                                               f"(--config.num_processes={config.num_processes})")
+
+
+def towers_of(model) -> int:
+    """How many devices on the 'model' axis the model needs (1: it is not split)."""
+    return int(getattr(model, "towers", 2)) if getattr(model, "partition_rules", ()) else 1
+
+
+def check_mesh(config, model, device_count: int, process_count: int = 1) -> int:
+    """parallel mode, mesh shape and the model's tower axis; returns the 'data' axis size."""
+    choice(config, "parallel", parallel.MODES, "parallel mode")
+    mesh, towers = tuple(config.mesh), towers_of(model)
+    if mesh and (len(mesh) != 2 or not all(_is_int(n) and n > 0 for n in mesh)):
+        typed = mesh[0] if len(mesh) == 1 and isinstance(mesh[0], str) else mesh  # 'abc' parses as ('abc',)
+        _fail("mesh", typed, f"must be () or a (data, model) pair of positive integers, e.g. "
+                            f"--config.mesh='({device_count}, 1)'")
+    if towers > 1 and device_count < towers:
+        raise ConfigError(f"--config.model_name={config.model_name} needs {towers} devices, one per "
+                          f"tower, but {device_count} is available: run on {towers} devices or simulate "
+                          f"them with XLA_FLAGS=--xla_force_host_platform_device_count={towers}")
+    if mesh and math.prod(mesh) != device_count:
+        raise ConfigError(f"--config.mesh: mesh {_show(mesh)} needs {math.prod(mesh)} devices but "
+                          f"{device_count} are available: use --config.mesh='({device_count // towers}, "
+                          f"{towers})' or another (data, model) pair whose product is {device_count}")
+    model_axis = mesh[1] if mesh else 1
+    if model_axis != towers:
+        raise ConfigError(f"--config.mesh={_show(mesh)}: model {config.model_name!r} needs a 'model' "
+                          f"axis of {towers}: use --config.mesh='({device_count // towers}, {towers})'")
+    if config.parallel == "pmap" and (towers > 1 or model_axis != 1 or process_count > 1):
+        _fail("parallel", "pmap", "runs data parallel on one process only (a (devices, 1) mesh, no "
+                                  "towers): use --config.parallel=jit")
+    return mesh[0] if mesh else device_count
+
+
+def check_batches(config, data_axis: int, process_count: int) -> int:
+    """batch_size and eval_batch_size split evenly over the data axis and the processes;
+    returns the eval batch size (0 in the config: auto)."""
+    step = math.lcm(data_axis, process_count)
+    why = (f"the 'data' mesh axis has {data_axis} device(s)" +
+           (f" and there are {process_count} processes" if process_count > 1 else ""))
+    int_at_least(config, "batch_size", 1)
+    if config.batch_size % step:
+        _fail("batch_size", config.batch_size, f"must be a multiple of {step} ({why}): "
+                                               f"use {multiple_hint(config.batch_size, step)}")
+    int_at_least(config, "eval_batch_size", 0, "must be an integer >= 0 (0: auto)")
+    if config.eval_batch_size == 0:
+        return auto_eval_batch(step, config.eval_limit)
+    if config.eval_batch_size % step:
+        _fail("eval_batch_size", config.eval_batch_size, f"must be a multiple of {step} ({why}): use "
+                                                         f"{multiple_hint(config.eval_batch_size, step)}, or 0 for auto")
+    return config.eval_batch_size
+
+
+def check_config(config, *, device_count: int, process_count: int) -> ml_collections.ConfigDict:
+    """Every check, in the order a user reads the flags; returns a checked copy with
+    `eval_batch_size` filled in. Raises `ConfigError` (one line) on the first problem."""
+    try:
+        check_processes(config)
+        model = check_model(config)
+        check_data(config)
+        check_optimisation(config)
+        check_length(config)
+        check_cadence(config)
+        data_axis = check_mesh(config, model, device_count, process_count)
+        eval_batch = check_batches(config, data_axis, process_count)
+    except (AttributeError, KeyError) as err:  # a config without a key these checks read
+        raise ConfigError(f"the config lacks {str(err).splitlines()[0]}: start from an experiment's "
+                          "get_config()") from None
+    checked = ml_collections.ConfigDict(config.to_dict())
+    checked.eval_batch_size = eval_batch
+    if getattr(config, "is_locked", False):
+        checked.lock()
+    return checked

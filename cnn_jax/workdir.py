@@ -1,0 +1,177 @@
+"""The run folder: usable before anything is computed, one run at a time, and resumed only
+with the settings it was trained with.
+
+- `open_workdir`: created and proven writable up front (root ignores permission bits, so
+  writability is tested by writing), not after an epoch when the first checkpoint is due.
+- `workdir_lock`: an advisory `flock` on WORKDIR/.lock, so two runs never interleave their
+  checkpoints; the kernel drops it when the holder exits, even on a crash.
+- `check_resume_config`: WORKDIR/config.json records what was trained; a resume that would
+  silently train something else (another model, rate or batch) stops and says which keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import tempfile
+
+CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+SHOWN = 3  # differing keys listed in an error; the rest are counted
+
+# Keys that change what is trained: a resume with other values is refused unless allowed.
+TRAINING_KEYS = frozenset({
+    "model_name", "dataset", "train_split", "input_size", "resize_size", "channels", "store_format",
+    "flip", "pca_noise", "optimizer", "learning_rate", "momentum", "weight_decay", "decay_mask", "schedule",
+    "lr_drop_factor", "plateau_patience", "plateau_max_drops", "step_boundaries", "warmup_steps",
+    "aux_weight", "batch_size", "seed"})
+LENGTH_KEYS = frozenset({"num_epochs", "num_train_steps"})
+LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's length
+NOT_RECORDED = frozenset({"allow_config_change"})  # how to resume, not what was trained
+
+
+class WorkdirError(RuntimeError):
+    """A run folder that cannot be used; the message is one line naming --workdir and the fix."""
+
+
+def open_workdir(path) -> pathlib.Path:
+    """`path` as an absolute folder, created if needed and proven writable."""
+    workdir = pathlib.Path(path).expanduser().absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir={path} is a file, not a folder: choose another --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WorkdirError(f"--workdir={path} cannot be created ({_reason(err)}): choose a folder "
+                           "you can write to with --workdir") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise WorkdirError(f"--workdir={path} is not writable ({_reason(err)}): fix its permissions "
+                           "or choose another --workdir") from None
+    return workdir
+
+
+def _reason(err: OSError) -> str:
+    if isinstance(err, FileExistsError) or err.errno == errno.ENOTDIR:
+        return "a parent is a file"
+    return err.strerror or type(err).__name__
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Holds WORKDIR/.lock for the block; a second holder gets a one-line `WorkdirError`
+    naming the first (pid and host). With several processes only process 0 should hold it."""
+    path = pathlib.Path(workdir) / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 (closed below: closing releases the lock)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(f"another run ({_holder(path)}) is using {workdir}: wait for it or "
+                               "choose another --workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
+
+
+def _holder(path: pathlib.Path) -> str:
+    try:
+        pid, host = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return "unknown process"
+    return f"pid {pid} on host {host}"
+
+
+def _flat(config, prefix: str = "") -> dict:
+    """{'model.dtype': 'float32', ...} with JSON values (tuples become lists)."""
+    config = config.to_dict() if hasattr(config, "to_dict") else config
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) or hasattr(value, "to_dict"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+    return {k: v for k, v in out.items() if k not in NOT_RECORDED}
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def trains_differently(key: str, saved: dict, now: dict) -> bool:
+    """Whether a change of `key` changes what is trained (rather than how it is watched)."""
+    if key in TRAINING_KEYS or key.startswith("model."):
+        return True
+    if key in LENGTH_KEYS:
+        return any(c.get("schedule") in LENGTH_SCHEDULES for c in (saved, now))
+    return False
+
+
+def compare_configs(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(training changes, harmless changes), each as 'key: saved -> now' (flat dicts).
+    Keys only one side has (the code gained or lost a key) are harmless."""
+    training, harmless = [], []
+    for key in sorted(saved.keys() | now.keys()):
+        old, new = saved.get(key, "(absent)"), now.get(key, "(absent)")
+        if old == new:
+            continue
+        both = key in saved and key in now
+        line = f"{key}: {_show(old)} -> {_show(new)}"
+        (training if both and trains_differently(key, saved, now) else harmless).append(line)
+    return training, harmless
+
+
+def write_json_atomic(path: pathlib.Path, data: dict):
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_resume_config(config, workdir, *, allow_change: bool, write: bool = True) -> list[str]:
+    """Records `config` in WORKDIR/config.json on the first run; on a resume, refuses
+    changes that alter what is trained (unless `allow_change`) and returns the allowed
+    changes as notes ('log_every_steps: 10 -> 5'). Only the writer (process 0) writes."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    now = _flat(config)
+    if not path.exists():
+        if write:
+            write_json_atomic(path, now)
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise WorkdirError(f"{path} cannot be read ({err}): restore it, delete it to accept the "
+                           "current settings, or choose another --workdir") from None
+    training, harmless = compare_configs(saved, now)
+    if training and not allow_change:
+        more = f" (+{len(training) - SHOWN} more)" if len(training) > SHOWN else ""
+        raise WorkdirError(f"--workdir={workdir} was trained with other settings: {'; '.join(training[:SHOWN])}"
+                           f"{more}: use the saved values, another --workdir, or "
+                           "--config.allow_config_change=True")
+    if (training or harmless) and write:
+        write_json_atomic(path, now)
+    return training + harmless

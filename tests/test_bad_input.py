@@ -1,0 +1,126 @@
+"""Bad command lines: status 2 and one line `error: ...` naming the flag, before any data is
+read and before anything is written (the CLI, called in-process on 8 simulated devices)."""
+
+import signal
+
+import pytest
+
+from cnn_jax.data.sources import DatasetError
+from cnn_jax.train import NonFiniteLossError, RunStopped
+from experiments import _run, alexnet
+
+CASES = [  # (arguments, what the one line must contain)
+    (["--config.batch_size=0"], "--config.batch_size=0: must be a positive integer"),
+    (["--config.batch_size=-3"], "--config.batch_size=-3: must be a positive integer"),
+    (["--config.batch_size=12"], "--config.batch_size=12: must be a multiple of 8"),
+    (["--config.eval_batch_size=50"], "--config.eval_batch_size=50: must be a multiple of 8"),
+    (["--config.num_epochs=-1"], "--config.num_epochs=-1.0"),
+    (["--config.num_epochs=0", "--config.num_train_steps=0"], "--config.num_train_steps"),
+    (["--config.num_train_steps=-5"], "--config.num_train_steps=-5"),
+    (["--config.model_name=alexnett"], "did you mean alexnet?"),
+    (["--config.model_name=resnet20_cifar"], "--config.model.dropout_rate"),
+    (["--config.model.dtype=float33"], "--config.model.dtype=float33"),
+    (["--config.model.num_classes=5"], "--config.model.num_classes: the class count comes from the dataset"),
+    (["--config.optimizer=adamm"], "--config.optimizer=adamm: unknown optimizer"),
+    (["--config.schedule=linear"], "--config.schedule=linear: unknown schedule"),
+    (["--config.decay_mask=kernel"], "--config.decay_mask=kernel"),
+    (["--config.step_boundaries=(20, 10)"], "--config.step_boundaries=(20, 10)"),
+    (["--config.parallel=xmap"], "--config.parallel=xmap"),
+    (["--config.parallel=pmap", "--config.mesh=(4, 2)"], "--config.mesh=(4, 2)"),
+    (["--config.mesh=abc"], "--config.mesh=abc: must be () or a (data, model) pair"),
+    (["--config.mesh=(3, 2)"], "--config.mesh: mesh (3, 2) needs 6 devices but 8 are available"),
+    (["--config.mesh=(1,)"], "--config.mesh=(1,)"),
+    (["--config.model_name=alexnet_2tower"], "--config.mesh='(4, 2)'"),
+    (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number > 0"),
+    (["--config.learning_rate=-1"], "--config.learning_rate=-1.0"),
+    (["--config.momentum=1.5"], "--config.momentum=1.5"),
+    (["--config.weight_decay=-0.1"], "--config.weight_decay=-0.1"),
+    (["--config.log_every_steps=0"], "--config.log_every_steps=0"),
+    (["--config.checkpoint_every_steps=0"], "--config.checkpoint_every_steps=0"),
+    (["--config.keep_checkpoints=0"], "--config.keep_checkpoints=0"),
+    (["--config.eval_limit=-1"], "--config.eval_limit=-1"),
+    (["--config.workers=-1"], "--config.workers=-1"),
+    (["--config.input_size=0"], "--config.input_size=0"),
+    (["--config.resize_size=200"], "--config.resize_size=200: must be >= --config.input_size=227"),
+    (["--config.channels=2"], "--config.channels=2"),
+    (["--config.store_format=png"], "--config.store_format=png"),
+    (["--config.num_processes=2"], "--config.coordinator_address"),
+    (["--config.process_id=1"], "--config.process_id=1"),
+    (["--config.batch_sise=4"], "unknown config key --config.batch_sise; did you mean --config.batch_size?"),
+    (["--noconfig.flipp"], "did you mean --config.flip?"),
+    (["--config.batch_size=abc"], "--config.batch_size=abc"),
+    (["--config.smoke=maybe"], "--config.smoke"),
+    (["--config.batch_size"], "--config.batch_size"),
+    (["train"], "unexpected argument(s) train: set values with --config.key=value"),
+]
+
+
+def run_main(args, tmp_path, capsys):
+    status = _run.main(alexnet.get_config, ["alexnet", *args, f"--config.data_dir={tmp_path / 'data'}"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(args) for args, _ in CASES])
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, needle):
+    workdir = tmp_path / "run"
+    status, out, err = run_main([*args, f"--workdir={workdir}"], tmp_path, capsys)
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "data").exists() and not workdir.exists()  # nothing read, nothing written
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
+    target = tmp_path / "results.csv"
+    target.write_text("a,b\n1,2\n")
+    status, _, err = run_main(["--config.smoke=True", f"--workdir={target}"], tmp_path, capsys)
+    assert status == 2 and err == f"error: --workdir={target} is a file, not a folder: choose another --workdir\n"
+    assert target.read_text() == "a,b\n1,2\n" and not (tmp_path / "data").exists()
+
+
+def test_a_valid_command_line_is_checked_with_auto_eval_batch_and_smoke_keeps_given_keys(tmp_path):
+    config, workdir = _run.prepare(alexnet.get_config, ["alexnet", "--config.smoke=True",
+                                                        "--config.log_every_steps=5", "--config.batch_size=16"])
+    assert workdir == "runs/alexnet_digits"
+    assert (config.log_every_steps, config.batch_size) == (5, 16)  # given: kept
+    assert (config.eval_every_steps, config.checkpoint_every_steps, config.num_train_steps) == (3, 3, 3)
+    assert config.eval_batch_size == 32  # auto: a multiple of 8 covering eval_limit=32
+    config, _ = _run.prepare(alexnet.get_config, ["alexnet", "--config.eval_batch_size=0"])
+    assert config.eval_batch_size == 56 and config.batch_size == 32
+
+
+@pytest.mark.parametrize("raised,status,line", [
+    (RunStopped(signal.SIGTERM), 143, ""),
+    (RunStopped(signal.SIGINT), 130, ""),
+    (KeyboardInterrupt(), 130, ""),
+    (NonFiniteLossError("loss is nan at step 3"), 1, "error: loss is nan at step 3\n"),
+    (DatasetError("unknown dataset 'x': use digits"), 2, "error: unknown dataset 'x': use digits\n"),
+    (RuntimeError("--config.eval_only: no checkpoint\nin runs/x"), 1, "error: --config.eval_only: no checkpoint in runs/x\n"),
+], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "runtime"])
+def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, line):
+    def train(config, workdir):
+        raise raised
+
+    monkeypatch.setattr(_run, "train_and_evaluate", train)
+    got, _, err = run_main([f"--workdir={tmp_path / 'run'}"], tmp_path, capsys)
+    assert (got, err) == (status, line)
+
+
+def test_help_lists_the_flags(tmp_path, capsys):
+    assert _run.main(alexnet.get_config, ["alexnet", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config.batch_size=32" in out and "--workdir" in out and "AlexNet" in out
+
+
+def test_several_processes_leave_the_device_checks_to_train_and_evaluate():
+    import jax
+
+    config, _ = _run.prepare(alexnet.get_config, ["alexnet", "--config.num_processes=2", "--config.process_id=1",
+                                                  "--config.coordinator_address=127.0.0.1:1"])
+    assert config.eval_batch_size == 0  # checked once jax.distributed knows every process's devices
+    assert not jax.distributed.is_initialized()
