@@ -48,7 +48,8 @@ class Checkpointer:
     def __init__(self, directory, *, every_steps: int, keep: int):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers={"state": ocp.StandardCheckpointHandler()})
 
     def should_save(self, step: int) -> bool:
         return self.manager.should_save(step)
@@ -87,11 +88,11 @@ class Checkpointer:
         wanted, damaged = shapes(abstract), []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                saved = shapes(self.manager.item_metadata(step)["state"])
+                metadata = self.manager.item_metadata(step)["state"]
             except Exception as err:  # noqa: BLE001 - unreadable metadata is damage
                 damaged.append((step, err))
                 continue
-            differs = mismatch(saved, wanted)
+            differs = mismatch(shapes(metadata), wanted) if metadata is not None else ""
             if differs:
                 raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model or optimiser "
                                       f"({differs}): use the run's own config, or another --workdir")

@@ -378,9 +378,8 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         if run.ckpt.should_save(step) or step == run.total_steps:
             _flush(run, window, step, clock, time.perf_counter() - since)
             window = []
-            run.save(step, state)
+            run.save(step, state)  # its host time counts against the loop, as it should
             saved = step
-            clock.pause()
     if stop.signum is not None and step < run.total_steps:
         _flush(run, window, step, clock, time.perf_counter() - since)
         if saved != step:

@@ -8,6 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cnn_jax import get_model, optim, train
+from cnn_jax.checkpoint import CheckpointError
+from cnn_jax.data import augment
 from helpers import tiny_config
 
 
@@ -19,11 +21,14 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     model = get_model("alexnet", num_classes=4, init_scheme="lecun", dropout_rate=0.0)
     tx = optim.make_optimizer("paper_sgd", 0.03)
     state = train.create_train_state(jax.random.key(0), model, tx, (67, 67, 3))
-    batch = {"image": jax.random.normal(jax.random.key(1), (8, 67, 67, 3)), "label": jnp.arange(8) % 4}
+    images = jax.random.randint(jax.random.key(1), (8, 67, 67, 3), 0, 256).astype(jnp.uint8)
+    batch = {"image": images, "label": jnp.arange(8) % 4}
+    prep = augment.make_preprocessor(np.full((67, 67, 3), 128.0), np.zeros(3), np.eye(3), input_size=67,
+                                     flip=False, pca_noise=0.0)  # a fixed batch: nothing random
     step = jax.jit(chex.assert_max_traces(train.train_step, n=1), donate_argnums=(0,))
     losses = []
     for _ in range(8):
-        state, stats = step(state, batch, jax.random.key(2))
+        state, stats = step(state, batch, jax.random.key(2), prep)
         losses.append(float(stats["loss"]))
     assert int(state.step) == 8
     assert losses[-1] < 0.75 * losses[0]  # 1.39 (ln 4) -> 0.96 measured
@@ -41,10 +46,24 @@ def test_eval_step_counts_only_masked_examples():
     assert float(padded["count"]) == 2
 
 
-def test_non_finite_loss_stops_with_the_step(data_dir, tmp_path):
+def test_non_finite_values_stop_the_run_and_never_reach_a_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, learning_rate=1e12, num_train_steps=6, schedule="constant")
-    with pytest.raises(train.NonFiniteLossError, match=r"at step [1-6]"):
+    with pytest.raises(train.NonFiniteLossError, match=r"(at|by) step [1-6].*newest.*checkpoint"):
         train.train_and_evaluate(config, tmp_path)
+    for step_dir in (tmp_path / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            params = restored_params(tmp_path, int(step_dir.name))
+            assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step_dir
+
+
+def test_a_checkpoint_of_another_model_is_refused_untouched(data_dir, tmp_path):
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    # 99x99 input: fc6 sees 2x2x256 features instead of 1x1x256
+    other = tiny_config(data_dir, num_train_steps=2, allow_config_change=True, input_size=99, resize_size=104)
+    with pytest.raises(CheckpointError, match="another model"):
+        train.train_and_evaluate(other, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing set aside
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data_dir, tmp_path):
