@@ -24,12 +24,24 @@ def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
     assert "finished at step 3" in proc.stdout
     assert "LeCun-normal" in proc.stdout  # the departure from the paper is said plainly
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0.0 <= summary["top1_error"] <= 1.0
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/images_per_second", "train/data_wait"} <= set(logged[0])
-    assert any("eval/top5_error" in entry for entry in logged)
+    # The smoke run evaluates eval_limit=32 of the 300 validation digits (experiments/_run.smoke)
+    # in one padded batch: each error rate is a count out of exactly those 32 (not out of the
+    # padded batch, not a mean of batch means), top-5 cannot exceed top-1, and the summary is
+    # the evaluation that was logged and printed.
+    evaluated = 32
+    assert 0.0 < summary["top1_error"] < 1.0  # 3 steps from a random start: neither extreme
+    for key in ("top1_error", "top5_error"):
+        wrong = summary[key] * evaluated
+        assert abs(wrong - round(wrong)) < 1e-6, f"{key}={summary[key]} is not a count out of {evaluated}"
+    assert summary["top5_error"] <= summary["top1_error"]
+    last_eval = [entry for entry in logged if "eval/top1_error" in entry][-1]
+    assert last_eval["step"] == 3
+    assert (last_eval["eval/top1_error"], last_eval["eval/top5_error"]) == (summary["top1_error"], summary["top5_error"])
+    assert f"finished at step 3: validation top-1 error {summary['top1_error']:.1%}" in proc.stdout
 
 
 @pytest.mark.parametrize("flag,needle", [("--config.batch_sise=4", "did you mean --config.batch_size"),

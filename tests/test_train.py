@@ -19,7 +19,7 @@ def restored_params(workdir, step):
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     model = get_model("alexnet", num_classes=4, init_scheme="lecun", dropout_rate=0.0)
-    tx = optim.make_optimizer("paper_sgd", 0.03)
+    tx = optim.make_optimizer("paper_sgd", 0.05)
     state = train.create_train_state(jax.random.key(0), model, tx, (67, 67, 3))
     images = jax.random.randint(jax.random.key(1), (8, 67, 67, 3), 0, 256).astype(jnp.uint8)
     batch = {"image": images, "label": jnp.arange(8) % 4}
@@ -27,12 +27,12 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
                                      flip=False, pca_noise=0.0)  # a fixed batch: nothing random
     step = jax.jit(chex.assert_max_traces(train.train_step, n=1), donate_argnums=(0,))
     losses = []
-    for _ in range(8):
+    for _ in range(12):
         state, stats = step(state, batch, jax.random.key(2), prep)
         losses.append(float(stats["loss"]))
-    assert int(state.step) == 8
-    assert losses[-1] < 0.75 * losses[0]  # 1.39 (ln 4) -> 0.96 measured
-    assert float(stats["learning_rate"]) == pytest.approx(0.03)
+    assert int(state.step) == 12
+    assert losses[-1] < 0.75 * losses[0]  # 1.38 (ln 4) -> 0.99 after 12 steps, measured
+    assert float(stats["learning_rate"]) == pytest.approx(0.05)
 
 
 def test_eval_step_counts_only_masked_examples():
