@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cnn_jax import comms, get_model, optim, parallel, train
+from cnn_jax.data import augment
 
 SIZE, BATCH, STEPS = 67, 16, 3
 # Sums run in another order across shards. One step agrees elementwise to ~1e-8 (TOL). Over
@@ -29,9 +30,15 @@ def eight_devices():
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
 
 
+# Stored squares the size of the input, no mirror, no colour noise: the preprocessor only
+# normalises, so every layout sees the same inputs.
+PREP = augment.make_preprocessor(np.full((SIZE, SIZE, 3), 128.0), np.zeros(3), np.eye(3), input_size=SIZE,
+                                 flip=False, pca_noise=0.0)
+
+
 def batches(n=STEPS, num_classes=10):
     rng = np.random.default_rng(0)
-    return [{"image": rng.normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32),
+    return [{"image": rng.integers(0, 256, size=(BATCH, SIZE, SIZE, 3), dtype=np.uint8),
              "label": rng.integers(0, num_classes, BATCH).astype(np.int32)} for _ in range(n)]
 
 
@@ -45,7 +52,7 @@ def single_device_params(model, steps=STEPS):
     step = jax.jit(train.train_step, donate_argnums=(0,))
     state = fresh_state(model)
     for batch in batches(steps):
-        state, _ = step(state, batch, jax.random.key(1))
+        state, _ = step(state, batch, jax.random.key(1), PREP)
     return state.params
 
 
@@ -55,7 +62,7 @@ def runner_params(model, mode, mesh_shape, steps=STEPS):
     runner = parallel.make_runner(mode, mesh, model, state, train.train_step, train.eval_step, BATCH)
     state = runner.place_state(jax.device_put(state, runner.state_shardings))
     for batch in batches(steps):
-        state, stats = runner.step(state, runner.place(batch), jax.random.key(1))
+        state, stats = runner.step(state, runner.place(batch), jax.random.key(1), PREP)
     assert np.isfinite(stats["loss"])
     return runner.host_state(state).params
 
@@ -117,7 +124,7 @@ def test_two_tower_parameter_count_and_layout():
 def test_two_towers_sharded_equal_unsharded():
     model = towers()
     mesh = parallel.make_mesh((4, 2))
-    x = jnp.asarray(batches(1)[0]["image"])
+    x = PREP.evaluate(jnp.asarray(batches(1)[0]["image"]))
     params = fresh_state(model).params
     expected = model.apply({"params": params}, x, train=False)
     apply = parallel.towers_apply(model, mesh)
@@ -139,7 +146,7 @@ def tower_step_hlo():
     state = fresh_state(model, parallel.apply_fn(model, mesh))
     runner = parallel.make_runner("jit", mesh, model, state, train.train_step, train.eval_step, BATCH)
     state = jax.device_put(state, runner.state_shardings)
-    lowered = runner.step.lower(state, runner.place(batches(1)[0]), jax.random.key(0))
+    lowered = runner.step.lower(state, runner.place(batches(1)[0]), jax.random.key(0), PREP)
     return mesh, comms.collectives(lowered.compile().as_text())
 
 

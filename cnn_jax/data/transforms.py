@@ -76,6 +76,8 @@ def _decode_jpeg(data: bytes, min_side: int) -> np.ndarray | None:
     except ImportError:
         return None
     try:
+        if simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray", "RGB"):
+            return None  # CMYK and YCCK: PIL's conversion is the reference
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
     except Exception:  # noqa: BLE001 - let PIL try (and name the problem) instead
         return None
