@@ -32,7 +32,7 @@ from cnn_jax.data import pipeline, store
 from cnn_jax.data.sources import open_split
 
 CASES = {  # experiment, overrides, steps of the loop
-    "lenet5_modern_b256": ("lenet", dict(model_name="lenet5_modern", batch_size=256), 60),
+    "lenet5_modern_b256": ("lenet", dict(model_name="lenet5_modern", batch_size=256), 150),
     "alexnet_b32": ("alexnet", dict(batch_size=32), 24),
 }
 

@@ -46,13 +46,15 @@ class Checkpointer:
     """Saves the train state under `directory` every `every_steps` steps, keeping `keep`."""
 
     def __init__(self, directory, *, every_steps: int, keep: int):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory, self.every_steps = pathlib.Path(directory).absolute(), every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers={"state": ocp.StandardCheckpointHandler()})
 
     def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
+        """Every `every_steps` steps, counted from 0 (orbax alone would also save a fresh run's
+        first step, stalling the device there)."""
+        return self.every_steps > 0 and step % self.every_steps == 0
 
     def save(self, step: int, state) -> None:
         """Saves `state` as step `step` (asynchronously). Failures (a full disk, an unwritable

@@ -174,26 +174,6 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-class DeviceFeed:
-    """Batches placed on the devices `depth` steps ahead of use, read by worker threads
-    further ahead still, so the host prepares step n+2 while the device runs step n."""
-
-    def __init__(self, read, start: int, place, *, workers: int, depth: int = 2):
-        self.reader = pipeline.ReadAhead(read, start, workers=workers)
-        self.place, self.placed = place, collections.deque()
-        for _ in range(depth):
-            self.placed.append(self.place(next(self.reader)))
-
-    def next(self):
-        batch = self.placed.popleft()
-        self.placed.append(self.place(next(self.reader)))
-        return batch
-
-    def close(self):
-        self.placed.clear()
-        self.reader.close()
-
-
 def _prepared(split, spec, workers: int, process: int):
     """The split's prepared store: made by process 0 while the others wait, then read by all
     (a process that cannot see it, on a disk of its own, makes its own)."""
@@ -275,22 +255,55 @@ class Run:
         return f"{self.ckpt.directory}/{step}" if step is not None else "none (the run starts over)"
 
 
-def _flush(run: Run, window: list, step: int, clock: StepClock, seconds: float):
-    """Brings a window of per-step device metrics to the host: NaN check, then log."""
-    if not window:
-        return
-    values = jax.device_get(window)
-    for offset, stats in enumerate(values):
-        if not np.isfinite(stats["loss"]):
-            failed = step - len(values) + offset + 1
-            raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
-                                     f"{run._newest()}: lower --config.learning_rate or check the data, then rerun "
-                                     "to resume from it")
-    means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-    means["data_wait"] = clock.take()
-    means["images_per_second"] = run.config.batch_size * len(values) / max(seconds, 1e-9)
-    run.writer.write(step, {f"train/{k}": v for k, v in means.items()})
-    return means
+class TrainLog:
+    """Per-step metrics kept on the device, brought to the host a window at a time.
+
+    A window closes at each log step but is read only once the device has finished its last
+    step (two steps later, when the loop's own bound on queued steps has passed it), so
+    logging never drains the queue of dispatched steps; evaluating, saving and stopping
+    read everything first. Reading is where NaN is caught.
+    """
+
+    def __init__(self, run: Run, clock: StepClock, bar):
+        self.run, self.clock, self.bar = run, clock, bar
+        self.window, self.closed, self.since = [], collections.deque(), time.perf_counter()
+
+    def add(self, stats: dict):
+        self.window.append(stats)
+
+    def close(self, step: int):
+        now = time.perf_counter()
+        if self.window:
+            self.closed.append((step, self.window, now - self.since))
+        self.window, self.since = [], now
+
+    def read(self, finished: int):
+        """Logs the closed windows whose last step is at most `finished`."""
+        while self.closed and self.closed[0][0] <= finished:
+            self._write(*self.closed.popleft())
+
+    def drain(self, step: int):
+        self.close(step)
+        self.read(step)
+
+    def restart(self):
+        """The time since the last window closed was the loop's own (evaluation): not counted."""
+        self.since = time.perf_counter()
+
+    def _write(self, step: int, window: list, seconds: float):
+        values = jax.device_get(window)
+        for offset, stats in enumerate(values):
+            if not np.isfinite(stats["loss"]):
+                failed = step - len(values) + offset + 1
+                raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
+                                         f"{self.run._newest()}: lower --config.learning_rate or check the data, "
+                                         "then rerun to resume from it")
+        means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+        means["data_wait"] = self.clock.take()
+        means["images_per_second"] = self.run.config.batch_size * len(values) / max(seconds, 1e-9)
+        self.run.writer.write(step, {f"train/{k}": v for k, v in means.items()})
+        self.bar.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{means['images_per_second']:.0f}",
+                             wait=f"{means['data_wait']:.0%}", refresh=False)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -339,12 +352,13 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     stop = stack.enter_context(StopSignals())
     clock = StepClock()
     stack.callback(clock.close)
-    feed = DeviceFeed(run.stream.batch, step, run.runner.place, workers=run.workers) if step < run.total_steps else None
+    feed = pipeline.DeviceFeed(run.stream.batch, step, run.runner.place, workers=run.workers) \
+        if step < run.total_steps else None
     if feed is not None:
         stack.callback(feed.close)
     bar = stack.enter_context(tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
                                    desc=f"{config.model_name} on {config.dataset}"))
-    window, result, saved, since, stopping = [], {}, resumed, time.perf_counter(), False
+    log, result, saved, stopping = TrainLog(run, clock, bar), {}, resumed, False
     while step < run.total_steps:
         # One process decides alone; several stop together, at a log step they agreed on.
         if stopping or (run.processes == 1 and stop.signum is not None):
@@ -352,19 +366,16 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         state, stats = run.runner.step(state, feed.next(), run.step_key, run.prep)
         step += 1
         clock.dispatched(step, stats)
-        window.append(stats)
+        log.add(stats)
         clock.wait(step - 2)  # at most two steps queued on the device
+        log.read(step - 2)
         bar.update(1)
         if step % config.log_every_steps == 0 or step == run.total_steps:
-            means = _flush(run, window, step, clock, time.perf_counter() - since)
-            window, since = [], time.perf_counter()
-            bar.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{means['images_per_second']:.0f}",
-                            wait=f"{means['data_wait']:.0%}", refresh=False)
+            log.close(step)
             if run.processes > 1 and parallel_any(stop.signum is not None):
                 stopping, stop.signum = True, stop.signum or signal.SIGTERM
         if step % run.eval_every == 0 or step == run.total_steps:
-            _flush(run, window, step, clock, time.perf_counter() - since)
-            window = []
+            log.drain(step)
             host = run.runner.host_state(state)
             result = run.evaluate(host)
             run.writer.write(step, {f"eval/{k}": v for k, v in result.items()})
@@ -374,14 +385,13 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
                 state = run.runner.place_state(jax.device_put(_after_eval(host, result["top1_error"], config),
                                                               run.runner.state_shardings))
             clock.pause()
-            since = time.perf_counter()
+            log.restart()
         if run.ckpt.should_save(step) or step == run.total_steps:
-            _flush(run, window, step, clock, time.perf_counter() - since)
-            window = []
+            log.drain(step)
             run.save(step, state)  # its host time counts against the loop, as it should
             saved = step
     if stop.signum is not None and step < run.total_steps:
-        _flush(run, window, step, clock, time.perf_counter() - since)
+        log.drain(step)
         if saved != step:
             run.save(step, state)
         run.ckpt.wait()

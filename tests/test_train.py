@@ -56,6 +56,43 @@ def test_non_finite_values_stop_the_run_and_never_reach_a_checkpoint(data_dir, t
             assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), step_dir
 
 
+class _Recorder:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, step, scalars):
+        self.lines.append((step, scalars))
+
+    def set_postfix(self, **_):
+        pass
+
+
+def test_the_log_reads_a_window_only_once_its_last_step_has_finished():
+    from types import SimpleNamespace
+
+    from cnn_jax.timing import StepClock
+
+    writer, clock = _Recorder(), StepClock()
+    run = SimpleNamespace(config=SimpleNamespace(batch_size=4), writer=writer, _newest=lambda: "ckpt/2")
+    log = train.TrainLog(run, clock, _Recorder())
+    for step in range(1, 7):
+        log.add({"loss": jnp.float32(step)})
+        if step % 2 == 0:
+            log.close(step)
+        log.read(step - 2)  # what the loop does once step - 2 has finished
+        assert [s for s, _ in writer.lines] == [s for s in (2, 4) if s <= step - 2]
+    log.drain(6)
+    assert [(s, v["train/loss"]) for s, v in writer.lines] == [(2, 1.5), (4, 3.5), (6, 5.5)]
+    log.add({"loss": jnp.float32(1.0)})
+    log.add({"loss": jnp.float32(np.nan)})
+    log.close(8)
+    log.read(7)
+    assert len(writer.lines) == 3  # step 8 not yet finished: not read, so no NaN seen yet
+    with pytest.raises(train.NonFiniteLossError, match="loss is nan at step 8; the newest checkpoint is ckpt/2"):
+        log.read(8)
+    clock.close()
+
+
 def test_a_checkpoint_of_another_model_is_refused_untouched(data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(data_dir, num_train_steps=2), tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -69,7 +106,9 @@ def test_a_checkpoint_of_another_model_is_refused_untouched(data_dir, tmp_path):
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # eval every 2 steps with the plateau schedule: the learning-rate state must resume too.
-    result = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6), straight)
+    result = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, keep_checkpoints=5), straight)
+    kept = sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [2, 4, 6]  # the cadence of 2, and no extra save at step 1
     train.train_and_evaluate(tiny_config(data_dir, num_train_steps=3), resumed)
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
     result_resumed = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6), resumed)

@@ -163,3 +163,23 @@ class ReadAhead:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class DeviceFeed:
+    """Batches placed on the devices `depth` steps ahead of use, read by worker threads
+    further ahead still, so the host prepares step n+2 while the device runs step n."""
+
+    def __init__(self, read, start: int, place, *, workers: int, depth: int = 2):
+        self.reader = ReadAhead(read, start, workers=workers)
+        self.place, self.placed = place, collections.deque()
+        for _ in range(depth):
+            self.placed.append(self.place(next(self.reader)))
+
+    def next(self):
+        batch = self.placed.popleft()
+        self.placed.append(self.place(next(self.reader)))
+        return batch
+
+    def close(self):
+        self.placed.clear()
+        self.reader.close()
