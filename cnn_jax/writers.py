@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import time
 
 from tensorboardX import SummaryWriter
 
 
+def _drop_unfinished_line(path: pathlib.Path, chunk: int = 1 << 16):
+    """Truncates `path` after its last newline (a writer killed mid-line leaves a fragment),
+    reading only the file's tail."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            data = f.read(pos - start)
+            if pos == end and data.endswith(b"\n"):
+                return
+            newline = data.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 class MetricWriter:
     """`write(step, {'train/loss': ...})` to `workdir/tensorboard` and `workdir/metrics.jsonl`.
 
-    The JSON log is appended to, so a resumed run continues the same file.
+    The JSON log is appended to, so a resumed run continues the same file; a last line left
+    unfinished by a killed run is dropped first, so every line stays one JSON object.
     """
 
     def __init__(self, workdir, enabled: bool = True):
@@ -21,6 +45,8 @@ class MetricWriter:
         self.tb_dir = self.workdir / "tensorboard"
         self.enabled = enabled
         self._tb = SummaryWriter(str(self.tb_dir)) if enabled else None
+        if enabled:
+            _drop_unfinished_line(self.jsonl_path)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8") if enabled else None
 
     def write(self, step: int, scalars: dict):
