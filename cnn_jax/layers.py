@@ -15,12 +15,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import flax
 import flax.linen as nn
 
 __all__ = [
     "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
     "lrn_from_pytorch", "lrn_from_tensorflow", "lrn_from_caffe", "checks_geometry",
-    "nearest_valid_input",
+    "nearest_valid_input", "InputError", "check_images",
 ]
 
 
@@ -213,11 +214,30 @@ def nearest_valid_input(module: nn.Module, shape: Sequence[int], axis: int,
         _SEARCHING.reset(token)
 
 
+class InputError(ValueError):
+    """Images a model cannot take: not a (batch, height, width, channels) float batch, or with
+    another channel count than its parameters."""
+
+
+def check_images(x, model: str):
+    """Refuses what would otherwise fail deep inside a layer, or pass silently: a batch axis
+    left out, or raw integer pixels not yet mean-subtracted."""
+    if getattr(x, "ndim", None) != 4:
+        raise InputError(f"{model} takes images of shape (batch, height, width, channels), got shape "
+                         f"{tuple(getattr(x, 'shape', ()))}: add the batch axis (images[None]) or reshape")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InputError(f"{model} takes float images (mean-subtracted pixels), got {x.dtype}: pass uint8 images "
+                         "through cnn_jax.data.augment.Preprocessor, or convert and normalise them first")
+
+
 def checks_geometry(call):
-    """Decorates a model's `__call__` so geometry errors name a whole-model input size that fits."""
+    """Decorates a model's `__call__`: `check_images` on its input, and geometry errors that
+    name a whole-model input size that fits."""
 
     @functools.wraps(call)
     def wrapper(self, x, *args, **kwargs):
+        name = type(self).__name__
+        check_images(x, name)
         try:
             return call(self, x, *args, **kwargs)
         except GeometryError as err:
@@ -226,5 +246,9 @@ def checks_geometry(call):
             size = nearest_valid_input(self.clone(parent=None), x.shape, err.axis)
             raise GeometryError(err.layer, err.size, err.kernel, err.stride, err.pad, err.axis,
                                 size) from None
+        except flax.errors.ScopeParamShapeError as err:
+            raise InputError(f"{name} got images with {x.shape[-1]} channel(s) that its parameters do not fit "
+                             f"({str(err).split('. (https')[0]}): give it images with the channels it was "
+                             "initialised for, or parameters of this model") from None
 
     return wrapper

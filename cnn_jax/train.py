@@ -205,6 +205,7 @@ class Run:
                                   config.pca_noise, config.store_format)
         train_split = open_split(config.dataset, config.train_split, config.data_dir)
         eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
+        pipeline.check_enough(len(train_split), config.batch_size)
         self.workers = config.workers or store.default_workers()
         self.train_store = _prepared(train_split, spec, self.workers, self.process)
         self.eval_store = _prepared(eval_split, spec, self.workers, self.process)

@@ -124,3 +124,104 @@ def test_several_processes_leave_the_device_checks_to_train_and_evaluate():
                                                   "--config.coordinator_address=127.0.0.1:1"])
     assert config.eval_batch_size == 0  # checked once jax.distributed knows every process's devices
     assert not jax.distributed.is_initialized()
+
+
+# The library: what a researcher's own code may pass. Each is one line naming the fix.
+def _alexnet67():
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax import get_model
+
+    model = get_model("alexnet", num_classes=3)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 67, 67, 3)), train=False)
+
+
+def _prep():
+    import numpy as np
+
+    from cnn_jax.data import augment
+
+    return augment.make_preprocessor(np.zeros((72, 72, 3)), np.zeros(3), np.eye(3), input_size=67, flip=True,
+                                     pca_noise=0.1)
+
+
+def _apply(images):
+    model, variables = _alexnet67()
+    return model.apply(variables, images, train=False)
+
+
+def _library_cases():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cnn_jax import get_model, layers
+    from cnn_jax.data import augment
+
+    key = jax.random.key(0)
+    return [  # (id, call, error class, what the one line must contain)
+        ("apply rank 3", lambda: _apply(jnp.zeros((67, 67, 3))), layers.InputError, "add the batch axis"),
+        ("apply uint8", lambda: _apply(jnp.zeros((2, 67, 67, 3), jnp.uint8)), layers.InputError,
+         "takes float images (mean-subtracted pixels), got uint8"),
+        ("apply int32", lambda: _apply(jnp.zeros((2, 67, 67, 3), jnp.int32)), layers.InputError, "got int32"),
+        ("apply 1 channel", lambda: _apply(jnp.zeros((2, 67, 67, 1))), layers.InputError,
+         "1 channel(s) that its parameters do not fit"),
+        ("apply 64x64", lambda: _apply(jnp.zeros((2, 64, 64, 3))), layers.GeometryError,
+         "Nearest input size that fits the whole model: 67"),
+        ("init 5-d", lambda: get_model("vgg11", num_classes=3).init(key, jnp.zeros((1, 2, 32, 32, 3)), train=False),
+         layers.InputError, "got shape (1, 2, 32, 32, 3)"),
+        ("prep float", lambda: _prep().train(jnp.zeros((2, 72, 72, 3)), key), layers.InputError,
+         "takes uint8 pixels (0..255), got float32"),
+        ("prep size", lambda: _prep().evaluate(jnp.zeros((2, 67, 67, 3), jnp.uint8)), layers.InputError,
+         "shape (batch, 72, 72, 3), got (2, 67, 67, 3)"),
+        ("prep rank", lambda: _prep().train(jnp.zeros((72, 72, 3), jnp.uint8), key), layers.InputError,
+         "got (72, 72, 3)"),
+        ("unknown model", lambda: get_model("alexnett"), ValueError, "Did you mean 'alexnet'?"),
+        ("unknown field", lambda: get_model("alexnet", num_clases=3), ValueError, "no field(s) ['num_clases']"),
+        ("make_preprocessor", lambda: augment.make_preprocessor(np.zeros((32, 32, 3)), np.zeros(3), np.eye(3),
+                                                                input_size=67, flip=True, pca_noise=0.0),
+         ValueError, "raise --config.resize_size"),
+    ]
+
+
+LIBRARY_IDS = ["apply rank 3", "apply uint8", "apply int32", "apply 1 channel", "apply 64x64", "init 5-d",
+               "prep float", "prep size", "prep rank", "unknown model", "unknown field", "make_preprocessor"]
+
+
+@pytest.mark.parametrize("case", LIBRARY_IDS)
+def test_library_bad_input_is_one_line(case):
+    _, call, error, needle = next(c for c in _library_cases() if c[0] == case)
+    with pytest.raises(error) as info:
+        call()
+    assert "\n" not in str(info.value) and needle in str(info.value), str(info.value)
+
+
+def _photos(root, layout):
+    """root/<split>/<class>/i.jpg of real photos, `layout` {split: {class: count}}."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photo = Image.fromarray(load_sample_images().images[0]).resize((120, 80))
+    for split, classes in layout.items():
+        for cls, n in classes.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                photo.save(root / split / cls / f"{i}.jpg")
+
+
+@pytest.mark.parametrize("layout,needle", [
+    ({"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}},
+     "the training split has 6 images, fewer than one batch of 8: lower --config.batch_size or add images"),
+    ({"train": {"a": 2, "b": 0}, "val": {"a": 1, "b": 1}}, "train/b has no readable images"),
+    ({"train": {"a": 2}, "val": {"a": 1}}, "1 class folder(s)"),
+], ids=["tiny", "empty class", "one class"])
+def test_tiny_and_empty_datasets_are_one_line_and_keep_the_workdir(tmp_path, capsys, layout, needle):
+    _photos(tmp_path / "photos", layout)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    status, out, err = run_main([f"--config.dataset=folder:{tmp_path / 'photos'}", "--config.batch_size=8",
+                                 "--config.smoke=True", f"--workdir={workdir}"], tmp_path, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in err + out and (workdir / "notes.txt").read_text() == "mine"

@@ -71,3 +71,15 @@ def test_count_nonfinite_flags_rows_with_nan_or_inf():
     counts = metrics.count_nonfinite(logits)
     np.testing.assert_array_equal(counts, [0, 1, 1, 1, 0])
     assert counts.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("label", [-1, 3, 1000])
+def test_a_label_outside_the_classes_is_an_error_and_a_nan_loss(label):
+    # take_along_axis fills an out-of-range gather with NaN, which compares false: without the
+    # range check such an example would count as correct and train on a NaN.
+    logits = jnp.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    labels = jnp.array([label, 2])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 1), [1.0, 0.0])
+    np.testing.assert_array_equal(metrics.topk_error(logits, labels, 5), [1.0, 0.0])
+    loss = metrics.cross_entropy(logits, labels)
+    assert np.isnan(loss[0]) and np.isclose(loss[1], np.log(np.exp([1, 2, 3]).sum()) - 3)

@@ -92,6 +92,21 @@ def test_folder_errors_are_one_line(tmp_path, layout, needle):
     assert "\n" not in str(info.value)
 
 
+def test_val_classes_are_those_of_train_with_warnings_for_the_rest(tmp_path, caplog):
+    photo = Image.fromarray(load_sample_images().images[1])
+    for split, classes in (("train", "abc"), ("val", "acz")):  # val lacks b, adds z
+        for cls in classes:
+            save(photo, tmp_path / split / cls / "0.jpg")
+    with caplog.at_level(logging.WARNING):
+        files, classes = sources.scan_folder(tmp_path, "validation")
+    assert classes == ["a", "b", "c"]
+    assert sorted(label for _, label in files) == [0, 2]  # a and c keep train's labels; z is left out
+    assert "z that train/ lacks" in caplog.text and "no images of class(es) b" in caplog.text
+    (tmp_path / "train" / "b" / "0.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"train/b has no readable images"):
+        sources.scan_folder(tmp_path, "train")
+
+
 @pytest.mark.parametrize("name,needle", [("cifar10", "tfds build cifar10"), ("mnist", "not prepared"),
                                          ("oxford_flowers102", "not prepared"),
                                          ("imagenet2012", "ILSVRC2012_img_train.tar")])

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cnn_jax.layers import InputError
+
 
 class Draws(struct.PyTreeNode):
     """One batch's random choices: crop origins, mirrors and PCA coefficients."""
@@ -43,6 +45,14 @@ class Preprocessor(struct.PyTreeNode):
 
     def normalise(self, images: jax.Array) -> jax.Array:
         """uint8 (B, R, R, C) -> float32 in 0..1 units, minus the mean image."""
+        want = (*self.mean.shape[:2], self.mean.shape[-1])
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise InputError(f"the preprocessor takes stored uint8 images of shape (batch, {', '.join(map(str, want))}), "
+                             f"got {tuple(images.shape)}: pass batches from the prepared store, whose size is "
+                             "--config.resize_size")
+        if images.dtype != jnp.uint8:
+            raise InputError(f"the preprocessor takes uint8 pixels (0..255), got {images.dtype}: pass the stored "
+                             "images as they are; it subtracts the mean itself")
         return images.astype(jnp.float32) / 255.0 - self.mean / 255.0
 
     def draw(self, key: jax.Array, batch: int) -> Draws:

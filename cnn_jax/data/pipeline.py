@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnn_jax.data import transforms
+from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import Store, StoreSpec, default_workers
 
 
@@ -73,14 +74,20 @@ def statistics(store: Store, *, max_pca_images: int = 1000, write: bool = True) 
     return stats
 
 
+def check_enough(images: int, batch_size: int):
+    """A training split needs one whole batch (checked on the split's size before anything is
+    prepared, and on the prepared store's, which has lost any undecodable images)."""
+    if images < batch_size:
+        raise DatasetError(f"the training split has {images} images, fewer than one batch of {batch_size}: "
+                           "lower --config.batch_size or add images")
+
+
 class TrainStream:
     """Endless shuffled batches: `batch(i)` is this process's share of global batch i."""
 
     def __init__(self, store: Store, *, batch_size: int, seed: int, shard_index: int = 0,
                  shard_count: int = 1):
-        if len(store) < batch_size:
-            raise ValueError(f"{store.directory.name} has {len(store)} images, fewer than one batch of "
-                             f"{batch_size}: lower --config.batch_size")
+        check_enough(len(store), batch_size)
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.share = batch_size // shard_count
         self.offset = shard_index * self.share

@@ -169,19 +169,28 @@ def scan_folder(root: pathlib.Path, split: str) -> tuple[list[tuple[str, int]], 
         folder = next((root / n for n in names if (root / n).is_dir()), None)
         if folder is None:
             raise DatasetError(f"image folder {root} has train/ but no {split!r} folder (tried {names})")
-        return scan_classes(folder, class_root=root / "train")
+        if split != "train":
+            extra = sorted({d.name for d in folder.iterdir() if d.is_dir()}
+                           - {d.name for d in (root / "train").iterdir() if d.is_dir()})
+            if extra:
+                logging.warning("%s has class folder(s) %s that train/ lacks: not evaluated (the model has no "
+                                "such class)", folder, ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+        return scan_classes(folder, class_root=root / "train", require_all=split == "train")
     files, classes = scan_classes(root, class_root=root)
     want_val = split != "train"
     return [(f, c) for f, c in files if _in_validation(os.path.relpath(f, root)) == want_val], classes
 
 
-def scan_classes(root: pathlib.Path, class_root: pathlib.Path):
-    """Images of root/<class>/ for the classes named by the sub-folders of `class_root`."""
+def scan_classes(root: pathlib.Path, class_root: pathlib.Path, require_all: bool = True):
+    """Images of root/<class>/ for the classes named by the sub-folders of `class_root`.
+
+    Every class needs an image to train on (`require_all`); an evaluation split may lack
+    some classes (a warning names them)."""
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise DatasetError(f"image folder {class_root} has {len(classes)} class folder(s): a classifier "
                            "needs at least two sub-folders of images, one per class")
-    files, skipped = [], []
+    files, skipped, absent = [], [], []
     for label, name in enumerate(classes):
         folder = root / name
         entries = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
@@ -189,12 +198,16 @@ def scan_classes(root: pathlib.Path, class_root: pathlib.Path):
         skipped += [p for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES]
         good = [p for p in images if p.stat().st_size > 0 and _readable(p)]
         skipped += [p for p in images if p not in good]
-        if not good:
+        if not good and require_all:
             raise DatasetError(f"class folder {folder} has no readable images: add some or remove the folder")
+        absent += [] if good else [name]
         files += [(str(p), label) for p in good]
     if skipped:
         logging.warning("skipped %d file(s) that are not readable images under %s, e.g. %s",
                         len(skipped), root, ", ".join(str(p) for p in skipped[:3]))
+    if absent:
+        logging.warning("%s has no images of class(es) %s: they are not evaluated", root,
+                        ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
     return files, classes
 
 
@@ -217,7 +230,9 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         root = pathlib.Path(name.removeprefix("folder:")).expanduser().absolute()
         files, classes = scan_folder(root, split)
         if not files:
-            raise DatasetError(f"image folder {root} has no images for split {split!r}")
+            hint = ("add images, or hold out your own in root/train and root/val" if split != "train"
+                    and not (root / "train").is_dir() else "add images")
+            raise DatasetError(f"image folder {root} has no images for split {split!r}: {hint}")
         key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
         source = FolderSource(files, str(root))
         return Split(name, split, source, len(classes), data_dir / "folders" / key, source.fingerprint(),
