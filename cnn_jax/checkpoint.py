@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -42,11 +43,22 @@ def mismatch(saved: dict, wanted: dict) -> str:
     return "; ".join(parts)
 
 
+def _reason(err: Exception) -> str:
+    """The operating system's words when tensorstore wraps them ('No space left on device'),
+    else the error's first line."""
+    text = str(err)
+    found = re.search(r": ([^:\[\]]+?) \[os_error_code", text)
+    if found:
+        return found.group(1)
+    return f"{type(err).__name__}: {text.splitlines()[0][:160]}" if text else type(err).__name__
+
+
 class Checkpointer:
     """Saves the train state under `directory` every `every_steps` steps, keeping `keep`."""
 
     def __init__(self, directory, *, every_steps: int, keep: int):
         self.directory, self.every_steps = pathlib.Path(directory).absolute(), every_steps
+        self._writing: int | None = None  # the step of the newest save, which may still be writing
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers={"state": ocp.StandardCheckpointHandler()})
@@ -59,6 +71,7 @@ class Checkpointer:
     def save(self, step: int, state) -> None:
         """Saves `state` as step `step` (asynchronously). Failures (a full disk, an unwritable
         folder) raise CheckpointError; the previous checkpoints stay intact."""
+        self._writing = step
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
         except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds
@@ -68,12 +81,11 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001
-            raise self._save_error(None, err) from None
+            raise self._save_error(self._writing, err) from None
 
     def _save_error(self, step, err) -> CheckpointError:
         kept = sorted(s for s in self.manager.all_steps() if s != step)
-        return CheckpointError(f"saving checkpoint {step if step is not None else ''} to {self.directory} failed "
-                               f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+        return CheckpointError(f"saving checkpoint {step} to {self.directory} failed ({_reason(err)}); "
                                f"kept: {kept or 'none'}: free space or choose another --workdir, then rerun")
 
     def latest_step(self) -> int | None:

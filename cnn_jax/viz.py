@@ -53,6 +53,9 @@ def grid_image(rows: np.ndarray, scale: int = 4, gap: int = 2) -> Image.Image:
 def save_conv1_figure(params, path) -> pathlib.Path:
     """Writes the Figure-3 grid of `params['conv1']['kernel']` to `path` (PNG)."""
     path = pathlib.Path(path)
+    if "conv1" not in params:
+        raise ValueError(f"these parameters have no conv1 (their first layers: {', '.join(list(params)[:3])}): the "
+                         "figure shows an RGB first convolution such as AlexNet's")
     grid_image(conv1_rows(np.asarray(params["conv1"]["kernel"]))).save(path)
     return path
 
@@ -66,7 +69,20 @@ def _checkpoint_params(location: pathlib.Path):
         if not (location / "state").is_dir() else [location]
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {location}: pass a workdir or checkpoints/<step>")
-    return ocp.StandardCheckpointer().restore((steps[-1] / "state").absolute())["params"], steps[-1]
+    return _restore_as_numpy((steps[-1] / "state").absolute())["params"], steps[-1]
+
+
+def _restore_as_numpy(path: pathlib.Path):
+    """A saved state as NumPy arrays, whatever devices wrote it (a plain restore insists on the
+    saving run's topology, e.g. 8 devices or two towers)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path)
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, restore_args=args)
 
 
 def main(argv=None) -> int:

@@ -226,6 +226,27 @@ def main(get_config, argv, describe=describe) -> int:
     return 0
 
 
+def _quiet_closed_loop(hook):
+    """sys.unraisablehook without "Event loop is closed": after a failed checkpoint write (a
+    full disk), tensorstore's writes still in flight call back into orbax's closed event loop
+    and report that once each; the one-line error already says what happened."""
+
+    def unraisablehook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            hook(unraisable)
+
+    return unraisablehook
+
+
+def _no_orbax_thread_tracebacks(record) -> bool:
+    """Drops orbax's logged tracebacks of its background write threads: the same failure
+    reaches the run as a CheckpointError, reported in one line."""
+    return not (record.exc_info and "orbax" in record.pathname and record.levelno >= 40)
+
+
 def run(get_config, describe=describe):
     """`python -m experiments.<name>`: `main` on the command line, its status the exit code."""
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+    logging.get_absl_handler().addFilter(_no_orbax_thread_tracebacks)
     sys.exit(main(get_config, sys.argv, describe))

@@ -92,13 +92,20 @@ def test_parallel_modes_train_from_the_cli_on_8_devices(data_dir, tmp_path, args
     assert (width, height) == (2 + 48 * (44 + 2), 2 + 2 * (44 + 2))
 
 
-def test_viz_cli_reads_a_checkpoint(data_dir, tmp_path):
+def test_viz_cli_reads_a_checkpoint_written_on_other_devices(data_dir, tmp_path):
+    import numpy as np
+
     from cnn_jax import viz
 
     assert run_cli(["--config.smoke=True", *TINY[:2], f"--workdir={tmp_path}"], data_dir).returncode == 0
-    assert viz.main([str(tmp_path), "--out", str(tmp_path / "fig.png")]) == 0
+    one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the run had 8
+    proc = subprocess.run([sys.executable, "-m", "cnn_jax.viz", str(tmp_path), "--out", str(tmp_path / "fig.png")],
+                          env=one_device, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "fig.png").stat().st_size > 0
     assert viz.main([str(tmp_path / "nothing")]) == 2
+    with pytest.raises(ValueError, match="no conv1 \\(their first layers: C1, C3\\)"):  # LeNet's names
+        viz.save_conv1_figure({"C1": {"kernel": np.zeros((5, 5, 1, 6))}, "C3": {}}, tmp_path / "lenet.png")
 
 
 def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
@@ -182,3 +189,37 @@ def test_eval_only_reports_centre_and_ten_crop(data_dir, tmp_path):
     assert "evaluated step 3" in proc.stdout and "ten-crop (softmax averaged over 10 patches)" in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"top1_error", "ten_crop_top1_error", "ten_crop_top5_error"} <= set(summary)
+
+
+CAPPED = ("import os, resource, signal, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16)); "
+          "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+# What a full disk does to a write, for one process: files cannot grow past 64 kB (EFBIG; with
+# SIGXFSZ ignored, which exec keeps, the write fails instead of killing the process).
+
+
+def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    import numpy as np
+
+    from cnn_jax import viz
+
+    steps = ["--config.checkpoint_every_steps=2", "--config.eval_every_steps=2"]
+    first = run_cli([*TINY, *steps, "--config.num_train_steps=2", f"--workdir={tmp_path}"], data_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = viz._restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
+    proc = subprocess.run([sys.executable, "-c", CAPPED, "-m", "experiments.alexnet", *TINY, *steps,
+                           "--config.num_train_steps=4", f"--workdir={tmp_path}"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert "saving checkpoint 4 to" in errors[0] and "(File too large); kept: [2]" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    after = viz._restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
+    for a, b in zip(jax_leaves(before), jax_leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
