@@ -143,3 +143,10 @@ def test_a_folder_trains_through_the_same_pipeline(photo_folder, tmp_path):
                          input_size=32, resize_size=36, eval_limit=0)
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert result["step"] == 2 and np.isfinite(result["loss"])
+
+
+def test_the_offline_digits_are_prepared_without_talk_of_downloading(tmp_path, capfd):
+    split = open_split("digits", "train", str(tmp_path))
+    out = capfd.readouterr().out
+    assert len(split) == 1497 and "preparing the offline dataset 'digits'" in out
+    assert "Download" not in out  # nothing is downloaded; tfds's own wording would say so

@@ -7,8 +7,10 @@ same code path that serves ImageNet serves it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import pathlib
@@ -243,7 +245,8 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
             _check_writable(data_dir)
             print(f"preparing the offline dataset {name!r} in {data_dir} (once)")
             tfds.disable_progress_bar()
-            builder.download_and_prepare()
+            with contextlib.redirect_stdout(io.StringIO()):  # tfds says "Downloading ...": nothing is
+                builder.download_and_prepare()
     else:
         try:
             builder = tfds.builder(name, data_dir=str(data_dir))
