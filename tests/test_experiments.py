@@ -223,3 +223,35 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(data_dir, tmp_path):
+    """A scheduler preempting one host: both processes agree at a log step, save that step
+    together and exit 143; the run then resumes from it."""
+    env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port, workdir = free_port(), tmp_path / "run"
+    args = [*TINY, "--config.num_train_steps=200", "--config.checkpoint_every_steps=3"]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *args, "--config.num_processes=2",
+                               f"--config.process_id={i}", f"--config.coordinator_address=127.0.0.1:{port}",
+                               f"--workdir={workdir}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "checkpoints" / "3").is_dir():  # training is under way
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [143, 143], [err[-1500:] for _, err in results]
+    saved = {line.split("saved step ")[1].split()[0] for out, err in results for line in (out + err)
+             .replace("\r", "\n").splitlines() if line.startswith("SIGTERM: saved step")}
+    assert len(saved) == 1, saved  # reported by process 0; the same step on every process
+    step = int(saved.pop())
+    assert 3 <= step < 200 and (workdir / "checkpoints" / str(step)).is_dir()
+    resumed = run_cli([*args, f"--config.num_train_steps={step + 1}", f"--workdir={workdir}"], data_dir,
+                      env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {workdir / 'checkpoints'}/{step}" in resumed.stdout
