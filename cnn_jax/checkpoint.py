@@ -16,6 +16,7 @@ import pathlib
 import re
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -127,7 +128,7 @@ class Checkpointer:
         """Renames unreadable steps to `unreadable-N` (kept for inspection), so training can
         write those step numbers again."""
         for step, err in damaged:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            reason = _reason(err)
             if not rename:
                 logging.warning("checkpoint %s/%d is unreadable (%s); using an older one", self.directory, step, reason)
                 continue
@@ -142,3 +143,13 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def restore_as_numpy(path) -> dict:
+    """A saved state as NumPy arrays, whatever devices wrote it (a plain restore insists on the
+    saving run's topology, e.g. 8 devices or two towers)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path)
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, restore_args=args)

@@ -9,14 +9,16 @@ whole model fits. `floor=True` restores the Keras/PyTorch habit of rounding down
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import functools
+import re
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import flax
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 __all__ = [
     "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
@@ -230,6 +232,21 @@ def check_images(x, model: str):
                          "through cnn_jax.data.augment.Preprocessor, or convert and normalise them first")
 
 
+def _parameter_mismatch(model: str, shape: tuple, message: str) -> InputError:
+    """Flax's shape error in one line, naming channels only when they are the difference."""
+    found = re.search(r'"(\w+)" in "([^"]+)".*?shape (\([\d, ]+\)).*?shape (\([\d, ]+\))', message)
+    if not found:
+        return InputError(f"{model}: the parameters do not fit these images ({message.split('. (https')[0]})")
+    param, where, wanted, saved = found.group(1), found.group(2), *map(ast.literal_eval, found.group(3, 4))
+    if len(wanted) == len(saved) == 4 and wanted[:2] == saved[:2] and wanted[-1] == saved[-1] \
+            and wanted[2] == shape[-1] != saved[2]:
+        return InputError(f"{model} got images with {shape[-1]} channel(s) but its parameters take {saved[2]} "
+                          f"({where}/{param}): give it {saved[2]}-channel images, or parameters made for these")
+    return InputError(f"{model}: parameter {where}/{param} has shape {saved} but these images of shape "
+                      f"{tuple(shape)} need {wanted}: the parameters were made for another input size or class "
+                      "count; initialise for these images or pass parameters that match them")
+
+
 def checks_geometry(call):
     """Decorates a model's `__call__`: `check_images` on its input, and geometry errors that
     name a whole-model input size that fits."""
@@ -247,8 +264,6 @@ def checks_geometry(call):
             raise GeometryError(err.layer, err.size, err.kernel, err.stride, err.pad, err.axis,
                                 size) from None
         except flax.errors.ScopeParamShapeError as err:
-            raise InputError(f"{name} got images with {x.shape[-1]} channel(s) that its parameters do not fit "
-                             f"({str(err).split('. (https')[0]}): give it images with the channels it was "
-                             "initialised for, or parameters of this model") from None
+            raise _parameter_mismatch(name, x.shape, str(err)) from None
 
     return wrapper

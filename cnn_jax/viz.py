@@ -17,6 +17,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from cnn_jax.checkpoint import restore_as_numpy
+
 
 def kernel_tiles(kernels: np.ndarray) -> np.ndarray:
     """(kh, kw, 3, n) -> (n, kh, kw, 3) uint8, each kernel scaled to its own range."""
@@ -61,28 +63,13 @@ def save_conv1_figure(params, path) -> pathlib.Path:
 
 
 def _checkpoint_params(location: pathlib.Path):
-    import orbax.checkpoint as ocp
-
     if (location / "checkpoints").is_dir():
         location = location / "checkpoints"
     steps = sorted((p for p in location.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) \
         if not (location / "state").is_dir() else [location]
     if not steps:
         raise FileNotFoundError(f"no checkpoint under {location}: pass a workdir or checkpoints/<step>")
-    return _restore_as_numpy((steps[-1] / "state").absolute())["params"], steps[-1]
-
-
-def _restore_as_numpy(path: pathlib.Path):
-    """A saved state as NumPy arrays, whatever devices wrote it (a plain restore insists on the
-    saving run's topology, e.g. 8 devices or two towers)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path)
-        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return checkpointer.restore(path, restore_args=args)
+    return restore_as_numpy((steps[-1] / "state").absolute())["params"], steps[-1]
 
 
 def main(argv=None) -> int:
@@ -92,8 +79,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         params, step_dir = _checkpoint_params(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds on damage
+        print(f"error: cannot read the checkpoint under {args.checkpoint} ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:160] if str(err) else ''}): it may be damaged; pass another step's "
+              "folder, checkpoints/<step>", file=sys.stderr)
+        return 2
+    try:
         out = save_conv1_figure(params, args.out or step_dir.parent.parent / f"conv1_kernels_{step_dir.name}.png")
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

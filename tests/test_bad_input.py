@@ -166,7 +166,9 @@ def _library_cases():
          "takes float images (mean-subtracted pixels), got uint8"),
         ("apply int32", lambda: _apply(jnp.zeros((2, 67, 67, 3), jnp.int32)), layers.InputError, "got int32"),
         ("apply 1 channel", lambda: _apply(jnp.zeros((2, 67, 67, 1))), layers.InputError,
-         "1 channel(s) that its parameters do not fit"),
+         "got images with 1 channel(s) but its parameters take 3 (/conv1/kernel)"),
+        ("apply 99x99 to 67x67 parameters", lambda: _apply(jnp.zeros((2, 99, 99, 3))), layers.InputError,
+         "parameter /fc6/kernel has shape (256, 4096) but these images of shape (2, 99, 99, 3) need (1024, 4096)"),
         ("apply 64x64", lambda: _apply(jnp.zeros((2, 64, 64, 3))), layers.GeometryError,
          "Nearest input size that fits the whole model: 67"),
         ("init 5-d", lambda: get_model("vgg11", num_classes=3).init(key, jnp.zeros((1, 2, 32, 32, 3)), train=False),
@@ -185,13 +187,12 @@ def _library_cases():
     ]
 
 
-LIBRARY_IDS = ["apply rank 3", "apply uint8", "apply int32", "apply 1 channel", "apply 64x64", "init 5-d",
-               "prep float", "prep size", "prep rank", "unknown model", "unknown field", "make_preprocessor"]
+LIBRARY = _library_cases()
 
 
-@pytest.mark.parametrize("case", LIBRARY_IDS)
+@pytest.mark.parametrize("case", LIBRARY, ids=[c[0] for c in LIBRARY])
 def test_library_bad_input_is_one_line(case):
-    _, call, error, needle = next(c for c in _library_cases() if c[0] == case)
+    _, call, error, needle = case
     with pytest.raises(error) as info:
         call()
     assert "\n" not in str(info.value) and needle in str(info.value), str(info.value)

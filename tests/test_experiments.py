@@ -200,12 +200,12 @@ CAPPED = ("import os, resource, signal, sys; resource.setrlimit(resource.RLIMIT_
 def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
     import numpy as np
 
-    from cnn_jax import viz
+    from cnn_jax.checkpoint import restore_as_numpy
 
     steps = ["--config.checkpoint_every_steps=2", "--config.eval_every_steps=2"]
     first = run_cli([*TINY, *steps, "--config.num_train_steps=2", f"--workdir={tmp_path}"], data_dir)
     assert first.returncode == 0, first.stderr[-2000:]
-    before = viz._restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
+    before = restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
     proc = subprocess.run([sys.executable, "-c", CAPPED, "-m", "experiments.alexnet", *TINY, *steps,
                            "--config.num_train_steps=4", f"--workdir={tmp_path}"], env=env, capture_output=True,
@@ -214,7 +214,7 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert "saving checkpoint 4 to" in errors[0] and "(File too large); kept: [2]" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
-    after = viz._restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
+    after = restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
     for a, b in zip(jax_leaves(before), jax_leaves(after)):
         np.testing.assert_array_equal(a, b)
 

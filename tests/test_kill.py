@@ -46,4 +46,4 @@ def test_three_kills_then_resume_end_identical_to_an_uninterrupted_run(tmp_path)
 @pytest.mark.slow
 def test_twenty_kills_then_resume_end_identical_to_an_uninterrupted_run(tmp_path):
     made = _check(tmp_path, kills=20)
-    assert len(made) == 20
+    assert sum(bool(k.unfinished) for k in made) >= 3  # several writes cut short, not one by luck

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,14 +51,23 @@ def command(workdir: pathlib.Path, data_dir: pathlib.Path) -> list[str]:
             *FLAGS]
 
 
-def read_log(path: pathlib.Path, start: int = 0) -> list[dict]:
-    """The complete JSON lines of `path` from byte `start` (a killed writer may leave a fragment)."""
+def read_log(path: pathlib.Path, start: int = 0, strict: bool = True) -> list[dict]:
+    """The complete JSON lines of `path` from byte `start` (a killed writer may leave a fragment,
+    and a resumed writer cuts it, so a line may begin before `start`: with `strict=False`
+    unreadable lines are skipped)."""
     if not path.exists():
         return []
     with open(path, "rb") as f:
         f.seek(start)
         lines = f.read().split(b"\n")[:-1]
-    return [json.loads(line) for line in lines]
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if strict:
+                raise
+    return entries
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
@@ -66,36 +75,43 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
-def unfinished_writes(workdir: pathlib.Path) -> tuple:
+def unfinished_writes(workdir: pathlib.Path) -> set:
+    """Steps whose checkpoint write has begun and not finished (orbax's temporary folders)."""
     try:
-        return tuple(sorted(p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name))
+        return {p.name.split(".")[0] for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name}
     except FileNotFoundError:
-        return ()
+        return set()
 
 
 def _logged_step(path: pathlib.Path, start: int) -> int:
-    try:
-        return max((entry["step"] for entry in read_log(path, start)), default=-1)
-    except json.JSONDecodeError:  # caught mid-line: read again at the next poll
-        return -1
+    return max((entry["step"] for entry in read_log(path, start, strict=False)), default=-1)
+
+
+def _failed(what: str, output: pathlib.Path) -> RuntimeError:
+    tail = output.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-1:] if output.exists() else []
+    return RuntimeError(f"{what}; its last line: {tail[0] if tail else '(none)'} (all of it: {output})")
 
 
 def kill_once(cmd: list[str], workdir: pathlib.Path, kind: str, target: int, rng: np.random.Generator,
-              startup_s: float) -> Kill:
+              startup_s: float, timeout_s: float) -> Kill:
     """Starts the run and SIGKILLs it at a moment of `kind`; `target` is the step of training
     to pass first (for 'training' and 'checkpoint write')."""
-    log = workdir / "metrics.jsonl"
+    log, output = workdir / "metrics.jsonl", workdir.parent / "attempt.log"
     offset = log.stat().st_size if log.exists() else 0
-    leftover, began = set(unfinished_writes(workdir)), time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    leftover, began = unfinished_writes(workdir), time.perf_counter()
+    with open(output, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     delay = rng.uniform(0.0, startup_s) if kind == "start-up" else rng.uniform(0.0, 0.05)
     while proc.poll() is None:
+        if time.perf_counter() - began > timeout_s:
+            proc.kill()
+            raise _failed(f"the run did not reach its kill moment in {timeout_s:.0f} s", output)
         if kind == "start-up":
             ready = time.perf_counter() - began >= delay
         else:
             ready = _logged_step(log, offset) >= target
             if ready and kind == "checkpoint write":
-                ready = bool(unfinished_writes(workdir))
+                ready = bool(unfinished_writes(workdir) - leftover)
         if ready:
             if kind == "training":
                 time.sleep(delay)
@@ -103,17 +119,37 @@ def kill_once(cmd: list[str], workdir: pathlib.Path, kind: str, target: int, rng
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 steps = checkpoint_steps(workdir)
-                cut = tuple(w for w in unfinished_writes(workdir) if w not in leftover)
+                cut = tuple(sorted(unfinished_writes(workdir) - leftover))
                 return Kill(kind, time.perf_counter() - began, True, steps[-1] if steps else None, cut)
         time.sleep(0.002)
+    if proc.returncode != 0:
+        raise _failed(f"the run failed (exit status {proc.returncode}) before its kill moment", output)
     steps = checkpoint_steps(workdir)
     return Kill(kind, time.perf_counter() - began, False, steps[-1] if steps else None)
 
 
-def final_state(workdir: pathlib.Path) -> dict:
-    import orbax.checkpoint as ocp
+def run_to_end(cmd: list[str], log: pathlib.Path, output: pathlib.Path, timeout_s: float) -> tuple[float, float]:
+    """Runs `cmd` to its end; returns (seconds to its first metrics line, seconds in all)."""
+    began, first = time.perf_counter(), None
+    with open(output, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    while proc.poll() is None:
+        if first is None and log.exists() and log.stat().st_size > 0:
+            first = time.perf_counter() - began
+        if time.perf_counter() - began > timeout_s:
+            proc.kill()
+            raise _failed(f"the run did not finish in {timeout_s:.0f} s", output)
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise _failed(f"the run failed (exit status {proc.returncode})", output)
+    took = time.perf_counter() - began
+    return first or took, took
 
-    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "state")
+
+def final_state(workdir: pathlib.Path) -> dict:
+    from cnn_jax.checkpoint import restore_as_numpy
+
+    return restore_as_numpy(workdir / "checkpoints" / str(STEPS) / "state")
 
 
 def compare(reference: pathlib.Path, killed: pathlib.Path) -> list[str]:
@@ -144,23 +180,26 @@ def compare(reference: pathlib.Path, killed: pathlib.Path) -> list[str]:
 
 
 def run(kills: int, seed: int, root: pathlib.Path, report=print) -> tuple[list[Kill], list[str]]:
-    """Runs the whole check under `root`; returns the kills made and the differences found."""
+    """Runs the whole check under `root`; returns the kills made and the differences found.
+    Raises RuntimeError (one line, naming the run's output) if a run fails or hangs."""
     data_dir, reference, killed = root / "tfds", root / "uninterrupted", root / "killed"
-    began = time.perf_counter()
-    subprocess.run(command(reference, data_dir), check=True, capture_output=True)  # also prepares the data
-    took = time.perf_counter() - began
-    report(f"uninterrupted run: {took:.1f} s for {STEPS} steps")
+    run_to_end(command(reference, data_dir), reference / "metrics.jsonl", root / "prepare.log", timeout_s=900)
+    shutil.rmtree(reference)  # the first run also prepared the data: time a second one
+    startup, took = run_to_end(command(reference, data_dir), reference / "metrics.jsonl", root / "reference.log",
+                               timeout_s=900)
+    report(f"uninterrupted run: {took:.1f} s for {STEPS} steps, {startup:.1f} s of it before the first step")
     rng = np.random.default_rng(seed)
-    targets = np.sort(rng.choice(np.arange(1, STEPS - 2), size=kills, replace=kills > STEPS - 3))
-    cmd, made = command(killed, data_dir), []
+    # targets end 10 steps early, so that the run never finishes before a kill lands
+    targets = np.sort(rng.choice(np.arange(1, STEPS - 10), size=kills, replace=kills > STEPS - 11))
+    cmd, made, timeout = command(killed, data_dir), [], max(120.0, 10 * took)
     for i, target in enumerate(targets):
         kind = KINDS[i % len(KINDS)]
-        kill = kill_once(cmd, killed, kind, int(target), rng, startup_s=took / 2)
+        kill = kill_once(cmd, killed, kind, int(target), rng, startup_s=startup, timeout_s=timeout)
         made.append(kill)
         report(f"kill {i + 1:2d}/{kills}: {kind:<16} after {kill.after_s:5.2f} s"
                f"{'' if kill.killed else ' (finished first)'}, newest checkpoint {kill.newest_checkpoint}"
                + (f", write of step {', '.join(kill.unfinished)} cut short" if kill.unfinished else ""))
-    subprocess.run(cmd, check=True, capture_output=True)  # the last resume, to the end
+    run_to_end(cmd, killed / "metrics.jsonl", root / "attempt.log", timeout_s=timeout)  # the last resume
     return made, compare(reference, killed)
 
 
@@ -176,7 +215,11 @@ def main(argv=None) -> int:
         root = pathlib.Path(args.workdir or tmp)
         if args.workdir and any(root.glob("*")):
             parser.error(f"--workdir {root} is not empty: choose a new directory")
-        made, problems = run(args.kills, args.seed, root)
+        try:
+            made, problems = run(args.kills, args.seed, root)
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     landed = sum(k.killed for k in made)
     by_kind = {kind: sum(k.killed for k in made if k.kind == kind) for kind in KINDS}
     print(f"{landed}/{len(made)} kills landed ({', '.join(f'{n} {kind}' for kind, n in by_kind.items())})")

@@ -176,11 +176,15 @@ def scan_folder(root: pathlib.Path, split: str) -> tuple[list[tuple[str, int]], 
                            - {d.name for d in (root / "train").iterdir() if d.is_dir()})
             if extra:
                 logging.warning("%s has class folder(s) %s that train/ lacks: not evaluated (the model has no "
-                                "such class)", folder, ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+                                "such class)", folder, _some(extra))
         return scan_classes(folder, class_root=root / "train", require_all=split == "train")
     files, classes = scan_classes(root, class_root=root)
     want_val = split != "train"
     return [(f, c) for f, c in files if _in_validation(os.path.relpath(f, root)) == want_val], classes
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 def scan_classes(root: pathlib.Path, class_root: pathlib.Path, require_all: bool = True):
@@ -209,7 +213,7 @@ def scan_classes(root: pathlib.Path, class_root: pathlib.Path, require_all: bool
                         len(skipped), root, ", ".join(str(p) for p in skipped[:3]))
     if absent:
         logging.warning("%s has no images of class(es) %s: they are not evaluated", root,
-                        ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""))
+                        _some(absent))
     return files, classes
 
 
