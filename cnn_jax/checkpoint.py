@@ -11,6 +11,7 @@ reason logged): a checkpoint of another model is an error that touches nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import re
@@ -148,8 +149,20 @@ class Checkpointer:
 def restore_as_numpy(path) -> dict:
     """A saved state as NumPy arrays, whatever devices wrote it (a plain restore insists on the
     saving run's topology, e.g. 8 devices or two towers)."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with ocp.PyTreeCheckpointer() as checkpointer, _absl_quiet():  # it warns of the manager's metadata file
         metadata = checkpointer.metadata(path)
         tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         return checkpointer.restore(path, restore_args=args)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
