@@ -1,4 +1,4 @@
-"""The paper's AlexNet: shapes and counts against PAPER.md's table, init, dropout, tracing."""
+"""The paper's AlexNet: shapes and counts against its layer table, init, dropout, tracing."""
 
 import chex
 import jax
@@ -10,7 +10,8 @@ from cnn_jax import get_model
 from cnn_jax.layers import GeometryError
 from cnn_jax.summary import layer_table
 
-# PAPER.md, one-tower table: (output H x W x C, parameters with biases).
+# Krizhevsky et al. 2012, section 3.5 and Figure 2, one tower's view at the 227x227 input the
+# arithmetic needs (the figure says 224): (output H x W x C, parameters with biases).
 PAPER_TABLE = {
     "conv1": ((55, 55, 96), 34_944),
     "pool1": ((27, 27, 96), 0),

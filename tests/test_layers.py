@@ -117,7 +117,7 @@ def test_window_output_size(w, f, p, s, out):
 
 
 def test_window_output_size_rejects_fraction():
-    # PAPER.md: W=10, F=3, P=0, S=2 gives 4.5.
+    # The CS231n notes' example of invalid hyper-parameters: W=10, F=3, P=0, S=2 gives 4.5.
     with pytest.raises(GeometryError, match=r"4\.5") as info:
         layers.window_output_size(10, 3, 2, 0, layer="convX")
     assert "convX" in str(info.value)
