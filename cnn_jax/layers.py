@@ -4,7 +4,8 @@ Geometry: a window layer maps W to (W - F + 2P) / S + 1. When that is not an int
 hyper-parameters do not fit the input (W=10, F=3, P=0, S=2 gives 4.5; the CS231n notes'
 "constraints on strides"), and frameworks silently floor it. Here the layers raise
 `GeometryError` instead, naming the layer and the numbers, and the model decorator
-`checks_geometry` adds the nearest input size for which the whole model fits. `floor=True` restores the Keras/PyTorch habit of rounding down.
+`checks_geometry` adds the nearest input size for which the whole model fits. `floor=True`
+restores the Keras/PyTorch habit of rounding down.
 """
 
 from __future__ import annotations
