@@ -61,7 +61,7 @@ class Checkpointer:
     def __init__(self, directory, *, every_steps: int, keep: int):
         self.directory, self.every_steps = pathlib.Path(directory).absolute(), every_steps
         self._writing: int | None = None  # the step of the newest save, which may still be writing
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)  # the cadence: should_save
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers={"state": ocp.StandardCheckpointHandler()})
 

@@ -20,6 +20,8 @@ import pathlib
 import socket
 import tempfile
 
+from cnn_jax.files import replaced_atomically
+
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 SHOWN = 3  # differing keys listed in an error; the rest are counted
@@ -139,16 +141,11 @@ def compare_configs(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 
 def write_json_atomic(path: pathlib.Path, data: dict):
     """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_resume_config(config, workdir, *, allow_change: bool, write: bool = True) -> list[str]:

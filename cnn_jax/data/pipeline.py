@@ -15,8 +15,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import os
-import pathlib
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from cnn_jax.data import transforms
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import Store, StoreSpec, default_workers
+from cnn_jax.files import replaced_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +41,6 @@ class ImageSpec:
     @property
     def store(self) -> StoreSpec:
         return StoreSpec(self.resize_size, self.channels, self.store_format)
-
-
-def _atomic_savez(path: pathlib.Path, arrays: dict):
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def statistics(store: Store, *, max_pca_images: int = 1000, write: bool = True) -> dict:
@@ -70,7 +63,8 @@ def statistics(store: Store, *, max_pca_images: int = 1000, write: bool = True) 
     else:
         stats["eigenvalues"], stats["eigenvectors"] = np.zeros(3), np.eye(3)
     if write:
-        _atomic_savez(path, stats)
+        with replaced_atomically(path) as tmp:
+            np.savez(tmp, **stats)
     return stats
 
 

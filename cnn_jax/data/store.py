@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cnn_jax.data import transforms
+from cnn_jax.files import replaced_atomically
 
 FORMATS = ("raw", "jpeg")
 SHARD_SIZE = 1024  # images per shard: the unit of parallel work and of resumption
@@ -87,30 +88,28 @@ def _write_shard(split, spec: StoreSpec, shard: int, start: int, stop: int, dire
     from array_record.python.array_record_module import ArrayRecordWriter
 
     records, sidecar = _shard_paths(directory, shard)
-    tmp = records.with_name(records.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), _OPTIONS)
-    labels, bad = [], []
-    try:
-        for index in range(start, stop):
-            try:
-                example = split.load(index, min_side=spec.size)
-                image = square(example["image"], spec)
-            except (ValueError, OSError) as err:
-                bad.append(str(err).splitlines()[0][:300])
-                continue
-            writer.write(encode(image, spec))
-            labels.append(int(example["label"]))
-    finally:
-        writer.close()
-    _atomic_write_text(sidecar, json.dumps({"labels": labels, "bad": bad}))
-    os.replace(tmp, records)
+    with replaced_atomically(records) as tmp:
+        writer = ArrayRecordWriter(str(tmp), _OPTIONS)
+        labels, bad = [], []
+        try:
+            for index in range(start, stop):
+                try:
+                    example = split.load(index, min_side=spec.size)
+                    image = square(example["image"], spec)
+                except (ValueError, OSError) as err:
+                    bad.append(str(err).splitlines()[0][:300])
+                    continue
+                writer.write(encode(image, spec))
+                labels.append(int(example["label"]))
+        finally:
+            writer.close()
+        _write_text(sidecar, json.dumps({"labels": labels, "bad": bad}))
     return stop - start
 
 
-def _atomic_write_text(path: pathlib.Path, text: str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: pathlib.Path, text: str):
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
 
 
 def default_workers() -> int:
@@ -172,7 +171,7 @@ def _finish(split, spec, directory, jobs):
     meta = {"count": len(labels), "skipped": len(bad), "spec": dataclasses.asdict(spec),
             "dataset": split.name, "split": split.split, "fingerprint": split.fingerprint,
             "shards": len(jobs), "version": VERSION}
-    _atomic_write_text(directory / "meta.json", json.dumps(meta, indent=1))
+    _write_text(directory / "meta.json", json.dumps(meta, indent=1))
 
 
 class Store:
