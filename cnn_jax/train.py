@@ -389,8 +389,9 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
             log.restart()
         if run.ckpt.should_save(step) or step == run.total_steps:
             log.drain(step)
-            run.save(step, state)  # its host time counts against the loop, as it should
-            saved = step
+            run.save(step, state)  # its host time counts against the loop's images/s, as it should,
+            saved = step  # but the device idling meanwhile is the save's doing, not data wait
+            clock.pause()
     if stop.signum is not None and step < run.total_steps:
         log.drain(step)
         if saved != step:

@@ -1,5 +1,7 @@
 """Train step, NaN stop, checkpoint resume equality, on AlexNet at 67x67 over real digits."""
 
+import time
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -171,3 +173,20 @@ def test_ten_crop_eval_averages_the_softmax():
     np.testing.assert_allclose(float(out["loss"]), expected_loss, rtol=1e-5)
     expected_top1 = (probs.argmax(1) != np.asarray(labels)).sum()
     assert float(out["top1_error"]) == expected_top1 and float(out["count"]) == 3
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_the_step_clock_counts_an_idle_gap_as_data_wait_unless_the_loop_paused(paused):
+    from cnn_jax.timing import StepClock
+
+    clock = StepClock()
+    clock.dispatched(1, jnp.ones(3))
+    clock.wait(1)
+    time.sleep(0.2)  # the device has nothing to run: the host is busy (or saving, if paused)
+    if paused:
+        clock.pause()
+    clock.dispatched(2, jnp.ones(3))
+    clock.wait(2)
+    wait = clock.take()
+    clock.close()
+    assert wait == 0.0 if paused else wait > 0.5  # 0.2 s idle against microseconds of work
