@@ -28,11 +28,13 @@ class StepClock:
         self._thread = threading.Thread(target=self._watch, name="step_clock", daemon=True)
         self._thread.start()
 
-    def dispatched(self, step: int, outputs) -> None:
+    def dispatched(self, step: int, outputs, sent: float) -> None:
+        """`sent`: perf_counter() just before the step was called (a synchronous step, as under
+        pmap, returns only when done: the call's own time is work, not idle)."""
         with self._lock:
             if self._started is None:  # a resumed run starts counting at its own step
                 self._started = self._finished = step - 1
-        self._queue.put((step, outputs, time.perf_counter()))
+        self._queue.put((step, outputs, sent))
 
     def pause(self) -> None:
         """The next step's idle time is the loop's own doing (evaluation, saving): not data wait."""
@@ -49,7 +51,7 @@ class StepClock:
             step, outputs, sent = item
             try:
                 jax.block_until_ready(outputs)
-            except BaseException as err:  # noqa: BLE001 - reported to the loop by wait()
+            except BaseException as err:  # noqa: BLE001 - wait() returns on it; the loop's next read raises it
                 self._error = err
             done = time.perf_counter()
             with self._lock:

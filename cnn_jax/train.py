@@ -364,9 +364,10 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         # One process decides alone; several stop together, at a log step they agreed on.
         if stopping or (run.processes == 1 and stop.signum is not None):
             break
-        state, stats = run.runner.step(state, feed.next(), run.step_key, run.prep)
+        batch, sent = feed.next(), time.perf_counter()
+        state, stats = run.runner.step(state, batch, run.step_key, run.prep)
         step += 1
-        clock.dispatched(step, stats)
+        clock.dispatched(step, stats, sent)
         log.add(stats)
         clock.wait(step - 2)  # at most two steps queued on the device
         log.read(step - 2)

@@ -180,13 +180,28 @@ def test_the_step_clock_counts_an_idle_gap_as_data_wait_unless_the_loop_paused(p
     from cnn_jax.timing import StepClock
 
     clock = StepClock()
-    clock.dispatched(1, jnp.ones(3))
+    clock.dispatched(1, jnp.ones(3), time.perf_counter())
     clock.wait(1)
     time.sleep(0.2)  # the device has nothing to run: the host is busy (or saving, if paused)
     if paused:
         clock.pause()
-    clock.dispatched(2, jnp.ones(3))
+    clock.dispatched(2, jnp.ones(3), time.perf_counter())
     clock.wait(2)
     wait = clock.take()
     clock.close()
     assert wait == 0.0 if paused else wait > 0.5  # 0.2 s idle against microseconds of work
+
+
+def test_a_step_that_returns_only_when_done_counts_as_work_not_data_wait():
+    from cnn_jax.timing import StepClock
+
+    clock = StepClock()
+    clock.dispatched(1, jnp.ones(3), time.perf_counter())
+    clock.wait(1)
+    sent = time.perf_counter()
+    time.sleep(0.2)  # a synchronous step (pmap's): the call itself is the device's work
+    clock.dispatched(2, jnp.ones(3), sent)
+    clock.wait(2)
+    wait = clock.take()
+    clock.close()
+    assert wait < 0.1, wait
