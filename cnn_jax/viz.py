@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         return 2
     try:
         out = save_conv1_figure(params, args.out or step_dir.parent.parent / f"conv1_kernels_{step_dir.name}.png")
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -216,8 +216,9 @@ def main(argv=None) -> int:
         if args.workdir and any(root.glob("*")):
             parser.error(f"--workdir {root} is not empty: choose a new directory")
         try:
+            root.mkdir(parents=True, exist_ok=True)
             made, problems = run(args.kills, args.seed, root)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
     landed = sum(k.killed for k in made)

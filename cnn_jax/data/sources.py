@@ -218,7 +218,11 @@ def scan_classes(root: pathlib.Path, class_root: pathlib.Path, require_all: bool
 
 
 def _check_writable(data_dir: pathlib.Path):
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"data dir {data_dir} cannot be made ({err.strerror}): pass "
+                           "--config.data_dir=<a writable folder>") from None
     if not os.access(data_dir, os.W_OK):
         raise DatasetError(f"data dir {data_dir} is not writable: pass --config.data_dir=<a writable folder>")
 

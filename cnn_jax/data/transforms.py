@@ -69,7 +69,7 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator,
 
 
 def _decode_jpeg(data: bytes, min_side: int) -> np.ndarray | None:
-    """libjpeg-turbo through simplejpeg (several times PIL's speed), scaled down in the DCT
+    """libjpeg-turbo through simplejpeg (1.2-1.25x PIL's speed, measured), scaled down in the DCT
     domain while both sides stay >= min_side; None where it cannot (CMYK, no simplejpeg)."""
     try:
         import simplejpeg
