@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import contextvars
 import functools
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "AvgPool", "LocalResponseNorm",
+    "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "max_pool", "AvgPool", "LocalResponseNorm",
     "lrn_from_pytorch", "lrn_from_tensorflow", "lrn_from_caffe", "checks_geometry",
     "nearest_valid_input", "InputError", "check_images",
 ]
@@ -110,18 +111,67 @@ class _Pool(nn.Module):
 class MaxPool(_Pool):
     """Max pooling as a named module, so it shows up in summaries (`pool1` ...).
 
-    Pads with -inf, as frameworks do, so padding never wins the max.
+    Pads with -inf, as frameworks do, so padding never wins the max. Computed by `max_pool`.
     """
 
     def __call__(self, x):
-        return nn.max_pool(x, **self._checked(x))
+        return max_pool(x, **self._checked(x))
+
+
+def _padding_pairs(x, window, strides, padding) -> tuple:
+    if isinstance(padding, str):
+        return tuple(jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding))
+    return tuple(tuple(p) for p in padding)
+
+
+def max_pool(x, window_shape, strides, padding="VALID"):
+    """`flax.linen.max_pool` on NHWC `x`, with a derivative that is cheap on CPU.
+
+    The value is the same `reduce_window` max. Its derivative routes each output's tangent
+    to the first maximal input of its window in row-major order, the element XLA's
+    `select_and_scatter` picks, so gradients are the same numbers. It is written as one
+    strided slice per window offset; XLA:CPU expands `select_and_scatter` into an
+    index-carrying `reduce_window` and a scatter, which made the pooling gradients of
+    AlexNet's train step cost more than its forward convolutions.
+    """
+    window, strides = tuple(window_shape), tuple(strides)
+    return _max_pool(x, window, strides, _padding_pairs(x, window, strides, padding))
+
+
+def _reduce_max(x, window, strides, pads):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, *window, 1), (1, *strides, 1),
+                                 ((0, 0), *pads, (0, 0)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, pads):
+    return _reduce_max(x, window, strides, pads)
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, strides, pads, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _reduce_max(x, window, strides, pads)
+    full = ((0, 0), *pads, (0, 0))
+    x, dx = jnp.pad(x, full, constant_values=-jnp.inf), jnp.pad(dx, full)
+    taken = jnp.zeros(y.shape, bool)
+    dy = jnp.zeros(y.shape, dx.dtype)
+    for offset in itertools.product(*(range(w) for w in window)):
+        start = (0, *offset, 0)
+        limit = (x.shape[0], *(o + (n - 1) * s + 1 for o, n, s in zip(offset, y.shape[1:3], strides)), x.shape[3])
+        step = (1, *strides, 1)
+        hit = (jax.lax.slice(x, start, limit, step) == y) & ~taken
+        taken = taken | hit
+        dy = dy + jnp.where(hit, jax.lax.slice(dx, start, limit, step), 0)
+    return y, dy
 
 
 class AvgPool(_Pool):
-    """Average pooling; padded cells are not counted (`count_include_pad=False`)."""
+    """Average pooling; padded cells are not counted (`count_include_pad=False`). Sums in float32."""
 
     def __call__(self, x):
-        return nn.avg_pool(x, **self._checked(x), count_include_pad=False)
+        # Summed in float32: a bfloat16 sum of a 7x7 window keeps 8 bits of mantissa.
+        return nn.avg_pool(x.astype(jnp.float32), **self._checked(x), count_include_pad=False).astype(x.dtype)
 
 
 class LocalResponseNorm(nn.Module):
@@ -151,8 +201,30 @@ class LocalResponseNorm(nn.Module):
         else:
             window, pad = (1, 1, 1, 2 * h + 1), ((0, 0), (0, 0), (0, 0), (h, h))
         total = jax.lax.reduce_window(sq, 0.0, jax.lax.add, window, (1, 1, 1, 1), pad)
-        out = x.astype(jnp.float32) / (self.k + self.alpha * total) ** self.beta
+        out = x.astype(jnp.float32) * _negative_power(self.k + self.alpha * total, self.beta)
         return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _negative_power(s, beta):
+    """s ** -beta for s > 0, with square roots for the paper's beta = 0.75 (and 0.5).
+
+    `x ** beta` with a float exponent costs an exp and a log per element, and its
+    derivative a second power: LRN's two powers cost AlexNet's train step more than its
+    pooling on CPU. d/ds s^-beta = -beta s^-beta / s reuses the value.
+    """
+    if beta == 0.75:
+        return jax.lax.rsqrt(s) * jax.lax.rsqrt(jnp.sqrt(s))
+    if beta == 0.5:
+        return jax.lax.rsqrt(s)
+    return jnp.exp(-beta * jnp.log(s))
+
+
+@_negative_power.defjvp
+def _negative_power_jvp(beta, primals, tangents):
+    (s,), (ds,) = primals, tangents
+    value = _negative_power(s, beta)
+    return value, -beta * value / s * ds
 
 
 def lrn_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:

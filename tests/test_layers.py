@@ -1,6 +1,7 @@
 """LRN against independent NumPy transcriptions of each framework's formula; geometry checks."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +141,58 @@ def test_avg_pool_does_not_count_padding():
     x = jnp.ones((1, 3, 3, 1))
     y = layers.AvgPool(3, 1, padding=1).apply({}, x)
     chex.assert_trees_all_close(y, jnp.ones_like(y))
+
+
+# ---- the derivatives written for speed equal the ones JAX derives itself -----------------------
+
+def _tied(shape, seed=0):
+    """Post-ReLU-like values from a handful of levels: many windows hold several equal maxima."""
+    levels = jax.random.randint(jax.random.key(seed), shape, -2, 4).astype(jnp.float32)
+    return jnp.maximum(levels, 0.0)
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, "VALID"), (2, 2, "VALID"), (3, 1, "SAME"),
+                                                   (3, 2, "SAME"), (3, 2, ((1, 1), (1, 1)))])
+def test_max_pool_value_and_gradient_equal_flax(window, stride, padding):
+    x = _tied((2, 11, 11, 4))
+    args = ((window, window), (stride, stride), padding)
+    ours = lambda x: layers.max_pool(x, *args)  # noqa: E731
+    reference = lambda x: nn.max_pool(x, *args)  # noqa: E731 - JAX's select_and_scatter derivative
+    y, pullback = jax.vjp(ours, x)
+    y_ref, pullback_ref = jax.vjp(reference, x)
+    chex.assert_trees_all_equal(y, y_ref)
+    cotangent = jax.random.normal(jax.random.key(1), y.shape)
+    grad, grad_ref = pullback(cotangent)[0], pullback_ref(cotangent)[0]
+    assert float(jnp.abs(grad_ref).sum()) > 0  # ties included: the reference routes to one maximum
+    chex.assert_trees_all_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
+    tangent = jax.random.normal(jax.random.key(2), x.shape)
+    chex.assert_trees_all_close(jax.jvp(ours, (x,), (tangent,))[1],
+                                jax.jvp(reference, (x,), (tangent,))[1], rtol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_one_maximum_per_window():
+    # A window of equal values: the whole cotangent goes to its first element (row-major).
+    x = jnp.ones((1, 3, 3, 1))
+    grad = jax.grad(lambda x: layers.max_pool(x, (3, 3), (1, 1)).sum())(x)
+    expected = np.zeros((1, 3, 3, 1), np.float32)
+    expected[0, 0, 0, 0] = 1.0
+    chex.assert_trees_all_equal(grad, jnp.asarray(expected))
+
+
+def _textbook_lrn(x, size, k, alpha, beta):
+    """b = a / (k + alpha * sum a^2)^beta with JAX's own derivative of the power."""
+    h = size // 2
+    total = jax.lax.reduce_window(jnp.square(x), 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                                  ((0, 0), (0, 0), (0, 0), (h, h)))
+    return x / (k + alpha * total) ** beta
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.5, 0.6])
+def test_lrn_gradient_equals_autodiff_of_the_formula(activations, beta):
+    kw = dict(size=5, k=2.0, alpha=1e-3, beta=beta)
+    x = jnp.asarray(activations)
+    cotangent = jax.random.normal(jax.random.key(0), x.shape)
+    y, pullback = jax.vjp(lambda x: LocalResponseNorm(**kw).apply({}, x), x)
+    y_ref, pullback_ref = jax.vjp(lambda x: _textbook_lrn(x, **kw), x)
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-5)
+    chex.assert_trees_all_close(pullback(cotangent)[0], pullback_ref(cotangent)[0], rtol=1e-4, atol=1e-6)

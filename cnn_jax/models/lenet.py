@@ -75,7 +75,8 @@ class Subsample(nn.Module):
         channels = x.shape[-1]
         coefficient = self.param("coefficient", lecun_uniform(4), (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        return nn.avg_pool(x, (2, 2), (2, 2)) * 4.0 * coefficient + bias
+        pooled = nn.avg_pool(x.astype(jnp.float32), (2, 2), (2, 2)).astype(x.dtype)
+        return pooled * 4.0 * coefficient.astype(x.dtype) + bias.astype(x.dtype)
 
 
 class PartialConv(nn.Module):
@@ -101,10 +102,10 @@ class PartialConv(nn.Module):
 
         kernel = self.param("kernel", init, (k, k, len(rows)))
         bias = self.param("bias", nn.initializers.zeros, (len(self.table),))
-        dense = jnp.zeros((k, k, x.shape[-1], len(self.table)), kernel.dtype).at[:, :, rows, cols].set(kernel)
+        dense = jnp.zeros((k, k, x.shape[-1], len(self.table)), x.dtype).at[:, :, rows, cols].set(kernel.astype(x.dtype))
         y = jax.lax.conv_general_dilated(x, dense, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
+        return y + bias.astype(x.dtype)
 
 
 class EuclideanRBF(nn.Module):
