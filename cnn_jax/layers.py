@@ -15,7 +15,8 @@ import contextvars
 import functools
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 __all__ = [
     "GeometryError", "window_output_size", "check_window", "Conv", "MaxPool", "max_pool", "AvgPool", "LocalResponseNorm",
     "lrn_from_pytorch", "lrn_from_tensorflow", "lrn_from_caffe", "checks_geometry",
-    "nearest_valid_input", "InputError", "check_images",
+    "nearest_valid_input", "InputError", "check_images", "BatchNorm", "channel_sums",
 ]
 
 
@@ -80,10 +81,35 @@ def check_window(name, x, kernel, stride, pads, floor):
         window_output_size(size, k, s, p, layer=name, axis=axis, floor=floor)
 
 
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated` for NHWC/HWIO operands, with 1x1 kernels as a matrix product.
+
+    A 1x1 convolution is a product over channels at every (strided) position. Written as a
+    convolution, XLA:CPU computes its kernel gradient by transposing the activations to put
+    the batch innermost (ResNet-50's bottlenecks: most of the step); written as a product, the
+    gradient is a product too, with no transpose.
+    """
+    spatial = rhs.ndim - 2
+    unpadded = padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
+    plain = (rhs.shape[:spatial] == (1,) * spatial and feature_group_count == 1 and unpadded
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+    if not plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
+    if any(s != 1 for s in window_strides):
+        lhs = lhs[(slice(None), *(slice(None, None, s) for s in window_strides))]
+    return jax.lax.dot_general(lhs, rhs.reshape(rhs.shape[-2:]), (((lhs.ndim - 1,), (0,)), ((), ())),
+                               precision=precision)
+
+
 class Conv(nn.Conv):
-    """`flax.linen.Conv` whose geometry is checked (parameter paths stay `name/kernel`)."""
+    """`flax.linen.Conv` whose geometry is checked (parameter paths stay `name/kernel`); 1x1
+    kernels are computed as matrix products (`conv_general_dilated`)."""
 
     floor: bool = False
+    conv_general_dilated: Callable | None = conv_general_dilated
 
     def __call__(self, inputs):
         if self.padding != "SAME":
@@ -225,6 +251,82 @@ def _negative_power_jvp(beta, primals, tangents):
     (s,), (ds,) = primals, tangents
     value = _negative_power(s, beta)
     return value, -beta * value / s * ds
+
+
+def channel_sums(x):
+    """Per-channel sums of (..., C) `x` over every other axis, as a product with a ones vector.
+
+    The same sum as `x.sum(axis=(0, ..., ndim - 2))`; XLA:CPU computes that reduction over
+    the major axes ~50x slower than the matrix product (1.6M elements: 4.9 ms against 0.09),
+    and batch norm's forward and backward are such sums.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    return jax.lax.dot_general(jnp.ones((flat.shape[0],), flat.dtype), flat, (((0,), (0,)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_normalise(x, scale, bias, epsilon):
+    """(y, mean, var) of float32 `x` over all axes but the last; y = (x - mean) / sqrt(var + eps) * scale + bias."""
+    return _batch_normalise_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_normalise_fwd(x, scale, bias, epsilon):
+    n = x.size // x.shape[-1]
+    mean = channel_sums(x) / n
+    var = jnp.maximum(channel_sums(jnp.square(x)) / n - jnp.square(mean), 0.0)  # flax's fast variance
+    inv = jax.lax.rsqrt(var + epsilon)
+    return ((x - mean) * (scale * inv) + bias, mean, var), (x, mean, inv, scale)
+
+
+def _batch_normalise_bwd(epsilon, res, cotangents):
+    del epsilon
+    x, mean, inv, scale = res
+    dy, dmean, dvar = cotangents
+    n = x.size // x.shape[-1]
+    xhat = (x - mean) * inv
+    dbias, dscale = channel_sums(dy), channel_sums(dy * xhat)
+    dx = (scale * inv) * (dy - (dbias + xhat * dscale) / n)
+    dx = dx + (dmean + 2.0 * dvar * (x - mean)) / n  # the statistics' own cotangents (usually zero)
+    return dx, dscale, dbias
+
+
+_batch_normalise.defvjp(_batch_normalise_fwd, _batch_normalise_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation over all axes but the last, a drop-in for `flax.linen.BatchNorm`.
+
+    The same variables ('params': scale, bias; 'batch_stats': mean, var), statistics
+    (biased variance, E[x^2] - E[x]^2, in float32 whatever `dtype`) and running averages;
+    its sums are `channel_sums` products and its derivative is written out (reverse mode
+    only). No cross-device `axis_name`: statistics are per device under `pmap`.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype).astype(jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        x32 = x.astype(jnp.float32)
+        if self.use_running_average:
+            y = (x32 - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
+        else:
+            y, mean, var = _batch_normalise(x32, scale, bias, self.epsilon)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+        return y.astype(self.dtype or x.dtype)
 
 
 def lrn_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:

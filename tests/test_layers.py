@@ -196,3 +196,31 @@ def test_lrn_gradient_equals_autodiff_of_the_formula(activations, beta):
     y_ref, pullback_ref = jax.vjp(lambda x: _textbook_lrn(x, **kw), x)
     chex.assert_trees_all_close(y, y_ref, rtol=1e-5)
     chex.assert_trees_all_close(pullback(cotangent)[0], pullback_ref(cotangent)[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_equals_flax(train):
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3.0 + 1.0
+    kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    ours, reference = layers.BatchNorm(**kw), nn.BatchNorm(**kw)
+    variables = reference.init(jax.random.key(1), x)
+    variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 6), "bias": jnp.linspace(-1.0, 1.0, 6)},
+                 "batch_stats": {"mean": jnp.linspace(0.0, 1.0, 6), "var": jnp.linspace(1.0, 3.0, 6)}}
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(1), x), variables)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+
+    def pullback(module):
+        def f(params, x):
+            y, new = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+            return jnp.sum(y * cotangent), (y, new)
+        return jax.grad(f, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    (grads, (y, stats)), (grads_ref, (y_ref, stats_ref)) = pullback(ours), pullback(reference)
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_sums_equal_a_reduction():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 5, 7))
+    chex.assert_trees_all_close(layers.channel_sums(x), x.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)

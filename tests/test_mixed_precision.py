@@ -3,7 +3,7 @@
 Read off each model's traced train step (abstractly: no FLOPs are spent): parameters and
 their gradients stay float32 (so the optimiser's state does too), the convolutions and
 matrix products run in bfloat16, and the numerically delicate parts run in float32: the
-logits, softmax and the loss, and window sums (LRN's squares, which underflow in bfloat16,
+logits, softmax and the loss, batch-norm statistics, and window sums (LRN's squares, which underflow in bfloat16,
 and average pooling). A short run shows it trains.
 """
 
@@ -52,9 +52,12 @@ def test_bfloat16_is_mixed_precision(name):
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     assert logits.dtype == jnp.float32
     eqns = list(_eqns(jax.make_jaxpr(grad_fn)(params, extra, x, y).jaxpr))
-    heavy = [e for e in eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    products = [e for e in eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    statistics = [e for e in products if e.invars[0].aval.ndim == 1]  # batch norm's sums: ones @ x
+    heavy = [e for e in products if e not in statistics]
     assert heavy and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in heavy), \
         sorted({(e.primitive.name, str(e.invars[0].aval.dtype)) for e in heavy})
+    assert all(e.invars[1].aval.dtype == jnp.float32 for e in statistics)
     sums = [e for e in eqns if e.primitive.name == "reduce_window_sum"]  # LRN's squares, average pooling
     assert all(e.invars[0].aval.dtype == jnp.float32 for e in sums)
     softmax = [e for e in eqns if e.primitive.name in ("logistic", "exp", "log")]  # loss and softmax

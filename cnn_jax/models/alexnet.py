@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry
+from cnn_jax.layers import BatchNorm, Conv, LocalResponseNorm, MaxPool, checks_geometry
 from cnn_jax.models import register
 
 # (name, features, kernel, stride, padding); LRN + pool follow conv1 and conv2, pool follows conv5.
@@ -110,7 +110,7 @@ class AlexNetBN(nn.Module):
 
     def _bn(self, x, name, train):
         # Keras defaults: momentum 0.99, epsilon 1e-3.
-        return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+        return BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     @checks_geometry

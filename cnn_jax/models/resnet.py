@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import Conv, MaxPool, checks_geometry
+from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry
 from cnn_jax.models import register
 
 
@@ -39,7 +39,7 @@ class _Block(nn.Module):
                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     def bn(self, x, name, zero=False):
-        return nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
+        return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
                             scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
@@ -107,7 +107,7 @@ class ResNet(nn.Module):
                  padding=1 if self.cifar else 3, use_bias=False, floor=self.floor,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                  dtype=self.dtype, param_dtype=self.param_dtype, name="conv1")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        x = nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x))
         if not self.cifar:
             x = MaxPool(3, 2, padding=1, floor=self.floor, name="pool1")(x)

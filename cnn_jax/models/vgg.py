@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import Conv, MaxPool, checks_geometry
+from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry
 from cnn_jax.models import register
 
 # Convolutions per block (each block ends in a 2x2 max pool); widths 64, 128, 256, 512, 512.
@@ -49,7 +49,7 @@ class VGG(nn.Module):
                 x = Conv(width, (3, 3), padding=1, kernel_init=conv_init, floor=self.floor,
                          name=f"conv{block}_{i}", **kw)(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                      name=f"bn{block}_{i}", **kw)(x)
                 x = nn.relu(x)
             x = MaxPool(2, 2, floor=self.floor, name=f"pool{block}")(x)
