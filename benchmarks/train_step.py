@@ -239,10 +239,10 @@ def main(argv=None) -> int:
     results = {}
     here = [m for m in models if m not in TWO_DEVICES or jax.device_count() >= 2]
     for name in models:
-        if name not in here:
+        if name in here:
+            results[name] = run_model(name, args.batch, args.dtype, args.repeats, args.seconds)
+        else:
             results.update(_in_child([name], args))
-            continue
-        results[name] = run_model(name, args.batch, args.dtype, args.repeats, args.seconds)
         if not args.quiet:
             r = results[name]
             peer = f", PyTorch {r['pytorch']['median']:,.1f}, ratio {r['ratio']:.2f}" if "pytorch" in r else ""

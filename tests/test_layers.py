@@ -224,3 +224,18 @@ def test_batch_norm_equals_flax(train):
 def test_channel_sums_equal_a_reduction():
     x = jax.random.normal(jax.random.key(0), (3, 4, 5, 7))
     chex.assert_trees_all_close(layers.channel_sums(x), x.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (1, 2, 0), (1, 2, "SAME"), (3, 1, 1)])
+def test_one_by_one_as_product_equals_the_convolution(kernel, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 5))
+    kw = dict(features=4, kernel_size=(kernel, kernel), strides=stride, padding=padding, floor=True)
+    ours, reference = layers.Conv(**kw, conv_general_dilated=layers.one_by_one_as_product), layers.Conv(**kw)
+    variables = reference.init(jax.random.key(1), x)
+    cotangent = jax.random.normal(jax.random.key(2), reference.apply(variables, x).shape)
+
+    def value_and_grads(module):
+        y, pullback = jax.vjp(lambda v, x: module.apply(v, x), variables, x)
+        return y, pullback(cotangent)
+
+    chex.assert_trees_all_close(value_and_grads(ours), value_and_grads(reference), rtol=1e-5, atol=1e-5)
