@@ -6,14 +6,16 @@ For each model: images/s of one full train step (forward, backward, the paper's 
 weight-decay update) for cnn_jax (the compiled step the training loop runs, on a uint8 batch
 already on the device, so it also crops, mirrors and adds colour noise) and for the network
 written in PyTorch (`benchmarks/torch_models.py`, eager, `torch.optim.SGD`, input already a
-float tensor), timed alternately A B A B over `--repeats` rounds: the median and the range of
+float tensor), timed alternately over `--repeats` rounds (A B, then B A, ...): the median and the range of
 each, and the ratio of the medians. Achieved FLOP/s count 3 x 2 x the forward multiply-adds
-of `cnn_jax.summary` per image (backward ~ twice the forward), as a share of the faster of the
-two frameworks' matrix-multiply rates measured in the same run. cnn_jax's first step
-(trace + compile + run) and its peak device memory (XLA's buffer assignment) are reported on
-their own. `alexnet_2tower` runs on two simulated CPU devices, a (1, 2) mesh, in a child
-process. Prints a table, writes benchmarks/out/train_step.json. PyTorch is the `[bench]` extra;
-without it only cnn_jax is timed.
+of `cnn_jax.summary` per image (backward ~ twice the forward; GoogLeNet's auxiliary heads, ~0.5%,
+not counted), as a share of the faster of the two frameworks' matrix-multiply rates measured
+in the same run. cnn_jax's first step (trace + compile + run) and its peak device memory
+(XLA's buffer assignment, per device) are reported on their own. `alexnet_2tower` runs on two
+simulated CPU devices, a (1, 2) mesh with one tower each, and every other model on one; a model
+whose device count differs from this process's runs in a child process. The two-tower PyTorch
+peer is one process with grouped convolutions. Prints a table, writes
+benchmarks/out/train_step.json. PyTorch is the `[bench]` extra; without it only cnn_jax is timed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ import time
 
 MODELS = ("alexnet", "alexnet_2tower", "resnet50", "vgg16", "googlenet", "lenet5")
 TWO_DEVICES = ("alexnet_2tower",)
-DEVICE_FLAG = "--xla_force_host_platform_device_count=2"
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def devices_needed(name: str) -> int:
+    """Two simulated CPU devices for the two-tower split, one for every other model."""
+    return 2 if name in TWO_DEVICES else 1
 
 
 def _stored_size(input_size: int) -> int:
@@ -165,10 +172,10 @@ def run_model(name: str, batch: int, dtype: str, repeats: int, seconds: float) -
     if peer:
         peer[1](peer[0]())  # PyTorch's first step allocates: keep it out of the timing
     jax_rates, torch_rates = [], []
-    for _ in range(repeats):
-        jax_rates.append(images_per_second(step, sync, batch, steps))
-        if peer:
-            torch_rates.append(images_per_second(*peer, batch, steps))
+    for round_ in range(repeats):  # A B, then B A: neither always runs on the warmer machine
+        timings = [(jax_rates, (step, sync))] + ([(torch_rates, peer)] if peer else [])
+        for rates, (run, wait) in timings[:: 1 if round_ % 2 == 0 else -1]:
+            rates.append(images_per_second(run, wait, batch, steps))
     result = {"batch": batch, "dtype": dtype, "steps_per_repeat": steps, "first_step_s": first,
               "peak_bytes": peak, "forward_macs_per_image": macs, "cnn_jax": _summary(jax_rates)}
     if peer:
@@ -194,14 +201,17 @@ def machine() -> dict:
     return info
 
 
-def _in_child(models: list[str], args) -> dict:
-    """Runs `models` in a child process with two simulated CPU devices; returns its results."""
-    out = pathlib.Path(args.out).with_suffix(".two_devices.json")
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()}
+def _in_child(models: list[str], devices: int, args) -> dict:
+    """Runs `models` in a child process with `devices` simulated CPU devices; returns its results."""
+    out = pathlib.Path(args.out).with_suffix(f".{devices}_devices.json")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG)]
+    env = {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{DEVICE_FLAG}={devices}"])}
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--models", ",".join(models), "--batch",
            str(args.batch), "--dtype", args.dtype, "--repeats", str(args.repeats), "--seconds",
            str(args.seconds), "--out", str(out), "--quiet"]
-    subprocess.run(cmd, env=env, check=True)
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise SystemExit(f"the {', '.join(models)} benchmark failed in its {devices}-device child process (its "
+                         f"error is above); the other models' results are in the table printed so far")
     return json.loads(out.read_text())["models"]
 
 
@@ -234,15 +244,22 @@ def main(argv=None) -> int:
     unknown = set(models) - set(MODELS)
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}: choose from {list(MODELS)}")
+    if args.repeats < 1 or args.batch < 1 or args.seconds <= 0:
+        parser.error("--repeats and --batch must be at least 1, --seconds positive")
+    out = pathlib.Path(args.out)
+    try:  # refuse now what would otherwise fail after the whole run
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+    except OSError as err:
+        parser.error(f"cannot write --out {out}: {err.strerror}; choose a writable path")
     import jax
 
     results = {}
-    here = [m for m in models if m not in TWO_DEVICES or jax.device_count() >= 2]
-    for name in models:
-        if name in here:
+    for name in models:  # a model on more devices than it needs would run data-parallel over them
+        if jax.device_count() == devices_needed(name):
             results[name] = run_model(name, args.batch, args.dtype, args.repeats, args.seconds)
         else:
-            results.update(_in_child([name], args))
+            results.update(_in_child([name], devices_needed(name), args))
         if not args.quiet:
             r = results[name]
             peer = f", PyTorch {r['pytorch']['median']:,.1f}, ratio {r['ratio']:.2f}" if "pytorch" in r else ""
@@ -250,8 +267,6 @@ def main(argv=None) -> int:
     rates = matmul_rates(args.dtype)
     report = {"machine": machine(), "batch": args.batch, "dtype": args.dtype, "matmul_flops": rates,
               "models": results}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     if not args.quiet:
         print("\n" + format_table(results, rates))

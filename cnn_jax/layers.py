@@ -177,7 +177,7 @@ def _max_pool(x, window, strides, pads):
 @_max_pool.defjvp
 def _max_pool_jvp(window, strides, pads, primals, tangents):
     (x,), (dx,) = primals, tangents
-    y = _reduce_max(x, window, strides, pads)
+    y = _max_pool(x, window, strides, pads)  # itself, so that higher derivatives pick the same maxima
     full = ((0, 0), *pads, (0, 0))
     x, dx = jnp.pad(x, full, constant_values=-jnp.inf), jnp.pad(dx, full)
     taken = jnp.zeros(y.shape, bool)
@@ -295,12 +295,14 @@ _batch_normalise.defvjp(_batch_normalise_fwd, _batch_normalise_bwd)
 
 
 class BatchNorm(nn.Module):
-    """Batch normalisation over all axes but the last, a drop-in for `flax.linen.BatchNorm`.
+    """Batch normalisation over all axes but the last: `flax.linen.BatchNorm` with the options
+    the zoo uses (`use_running_average`, `momentum`, `epsilon`, dtypes, initialisers).
 
     The same variables ('params': scale, bias; 'batch_stats': mean, var), statistics
-    (biased variance, E[x^2] - E[x]^2, in float32 whatever `dtype`) and running averages;
-    its sums are `channel_sums` products and its derivative is written out (reverse mode
-    only). No cross-device `axis_name`: statistics are per device under `pmap`.
+    (biased variance, E[x^2] - E[x]^2, in float32 whatever `dtype`), running averages and
+    output dtype; its sums are `channel_sums` products and its derivative is written out
+    (reverse mode only: `jax.jvp` through it is refused). No cross-device `axis_name`:
+    statistics are per device under `pmap`.
     """
 
     use_running_average: bool = False
@@ -326,7 +328,7 @@ class BatchNorm(nn.Module):
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
-        return y.astype(self.dtype or x.dtype)
+        return y.astype(self.dtype or jnp.promote_types(x.dtype, self.param_dtype))  # flax's default
 
 
 def lrn_from_pytorch(size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> dict:

@@ -60,8 +60,17 @@ def decay_mask(which: str = "all") -> Callable | None:
     raise ValueError(f"unknown weight-decay mask {which!r}: use 'all' or 'kernels'")
 
 
-def paper_sgd(learning_rate, momentum=0.9, weight_decay=5e-4, mask=None):
-    """Krizhevsky et al.'s rule: decay and gradient enter the velocity, scaled by eps."""
+def paper_sgd(learning_rate: float | Schedule, momentum=0.9, weight_decay=5e-4, mask=None):
+    """Krizhevsky et al.'s rule: decay and gradient enter the velocity, scaled by eps.
+
+    `learning_rate` is a number or, as in every optax optimiser, a schedule (a function of
+    the step count): then v <- momentum * v - schedule(t) * u is optax's trace of the
+    gradient scaled by -schedule(t) (`optax.scale_by_schedule`, which counts the steps).
+    """
+    if callable(learning_rate):
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                           optax.scale_by_schedule(lambda count: -learning_rate(count)),
+                           optax.trace(decay=momentum))
     return optax.chain(optax.add_decayed_weights(weight_decay, mask),
                        paper_momentum(learning_rate, momentum))
 

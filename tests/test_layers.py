@@ -151,11 +151,13 @@ def _tied(shape, seed=0):
     return jnp.maximum(levels, 0.0)
 
 
-@pytest.mark.parametrize("window,stride,padding", [(3, 2, "VALID"), (2, 2, "VALID"), (3, 1, "SAME"),
-                                                   (3, 2, "SAME"), (3, 2, ((1, 1), (1, 1)))])
-def test_max_pool_value_and_gradient_equal_flax(window, stride, padding):
-    x = _tied((2, 11, 11, 4))
-    args = ((window, window), (stride, stride), padding)
+@pytest.mark.parametrize("window,stride,padding,side", [
+    ((3, 3), (2, 2), "VALID", 11), ((2, 2), (2, 2), "VALID", 12), ((3, 3), (1, 1), "SAME", 11),
+    ((3, 3), (2, 2), "SAME", 12), ((3, 3), (2, 2), ((1, 1), (1, 1)), 11), ((3, 2), (2, 1), ((0, 2), (1, 0)), 11)])
+def test_max_pool_value_and_gradient_equal_flax(window, stride, padding, side):
+    # side 12 with SAME pads (0, 1): GoogLeNet's 112 -> 56 pools pad only after
+    x = _tied((2, side, side, 4))
+    args = (window, stride, padding)
     ours = lambda x: layers.max_pool(x, *args)  # noqa: E731
     reference = lambda x: nn.max_pool(x, *args)  # noqa: E731 - JAX's select_and_scatter derivative
     y, pullback = jax.vjp(ours, x)
@@ -165,9 +167,10 @@ def test_max_pool_value_and_gradient_equal_flax(window, stride, padding):
     grad, grad_ref = pullback(cotangent)[0], pullback_ref(cotangent)[0]
     assert float(jnp.abs(grad_ref).sum()) > 0  # ties included: the reference routes to one maximum
     chex.assert_trees_all_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
+    # Forward mode is the transpose of the same routing: <J t, c> = <t, J^T c>.
     tangent = jax.random.normal(jax.random.key(2), x.shape)
-    chex.assert_trees_all_close(jax.jvp(ours, (x,), (tangent,))[1],
-                                jax.jvp(reference, (x,), (tangent,))[1], rtol=1e-6)
+    forward = jax.jvp(ours, (x,), (tangent,))[1]
+    chex.assert_trees_all_close(jnp.vdot(forward, cotangent), jnp.vdot(tangent, grad), rtol=1e-5)
 
 
 def test_max_pool_gradient_goes_to_one_maximum_per_window():
@@ -203,7 +206,6 @@ def test_batch_norm_equals_flax(train):
     x = jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * 3.0 + 1.0
     kw = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     ours, reference = layers.BatchNorm(**kw), nn.BatchNorm(**kw)
-    variables = reference.init(jax.random.key(1), x)
     variables = {"params": {"scale": jnp.linspace(0.5, 2.0, 6), "bias": jnp.linspace(-1.0, 1.0, 6)},
                  "batch_stats": {"mean": jnp.linspace(0.0, 1.0, 6), "var": jnp.linspace(1.0, 3.0, 6)}}
     chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(1), x), variables)
@@ -216,6 +218,7 @@ def test_batch_norm_equals_flax(train):
         return jax.grad(f, argnums=(0, 1), has_aux=True)(variables["params"], x)
 
     (grads, (y, stats)), (grads_ref, (y_ref, stats_ref)) = pullback(ours), pullback(reference)
+    assert y.dtype == y_ref.dtype
     chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
@@ -239,3 +242,5 @@ def test_one_by_one_as_product_equals_the_convolution(kernel, stride, padding):
         return y, pullback(cotangent)
 
     chex.assert_trees_all_close(value_and_grads(ours), value_and_grads(reference), rtol=1e-5, atol=1e-5)
+    ops = {e.primitive.name for e in jax.make_jaxpr(lambda v, x: ours.apply(v, x))(variables, x).jaxpr.eqns}
+    assert ("conv_general_dilated" not in ops and "dot_general" in ops) == (kernel == 1), ops

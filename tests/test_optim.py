@@ -79,6 +79,21 @@ def test_matches_numpy_reference(name, reference, drop_with):
         chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7, custom_message=f"step {t}")
 
 
+@pytest.mark.parametrize("name,reference", [("paper_sgd", numpy_paper), ("optax_sgd", numpy_optax_sgd),
+                                            ("sgdw", numpy_sgdw)])
+def test_builders_take_a_schedule_as_optax_optimisers_do(name, reference):
+    """`paper_sgd(learning_rate=schedule)` and the others, called directly (no injected hyper-parameters)."""
+    tx = optim.OPTIMIZERS[name](optim.make_schedule("step", LR, boundaries=(DROP_AT,)), MOM, WD)
+    params = {"kernel": jnp.asarray(W0)}
+    state, ours = tx.init(params), []
+    for g in grads_sequence():
+        updates, state = tx.update({"kernel": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        ours.append(np.asarray(params["kernel"]))
+    for t, (a, b) in enumerate(zip(ours, reference(W0.astype(np.float64), grads_sequence()))):
+        chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7, custom_message=f"step {t}")
+
+
 def test_paper_and_optax_rules_agree_until_the_drop_then_differ():
     paper, coupled = numpy_paper(W0, grads_sequence()), numpy_optax_sgd(W0, grads_sequence())
     for t in range(DROP_AT):
