@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import math
 import numbers
+import os
+import re
 
 import ml_collections
 
@@ -211,6 +213,39 @@ def check_data(config):
     int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")
 
 
+def check_transfer(config):
+    """Class subsets, the weights to start from, and what to freeze."""
+    classes = tuple(config.classes)
+    if classes and (not all(_is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes)
+                    or len(classes) < 2):
+        _fail("classes", classes, "must be two or more distinct class numbers, e.g. --config.classes='(5, 6, 7, 8, 9)'")
+    int_at_least(config, "train_per_class", 0, "must be an integer >= 0 (0: every image)")
+    if config.init_from and not os.path.exists(config.init_from):
+        _fail("init_from", config.init_from, "no such file or folder: give a .pth, .pt or .safetensors file, or a "
+                                             "run's workdir")
+    try:
+        re.compile(config.freeze)
+    except re.error as err:
+        _fail("freeze", config.freeze, f"not a regular expression ({err}); e.g. --config.freeze='^conv'")
+    for key in ("head_only", "new_head"):
+        if not isinstance(config[key], bool):
+            _fail(key, config[key], "must be True or False")
+    number_in(config, "backbone_lr_scale", 0.0, low_open=True)
+    if config.head_only and config.backbone_lr_scale != 1.0:
+        _fail("backbone_lr_scale", config.backbone_lr_scale, "has no effect with --config.head_only=True (the "
+                                                             "backbone is frozen): drop one of the two")
+
+
+def class_count(config, available: int) -> int:
+    """The model's class count: the dataset's `available`, or the length of `config.classes`
+    (checked against `available` once the dataset is open)."""
+    wrong = [c for c in config.classes if c >= available]
+    if wrong:
+        _fail("classes", tuple(config.classes), f"{config.dataset} has classes 0..{available - 1}, not "
+                                                f"{', '.join(map(str, wrong))}")
+    return len(config.classes) or available
+
+
 def check_processes(config):
     """The multi-process settings, checked before `jax.distributed` is started with them."""
     int_at_least(config, "num_processes", 1)
@@ -276,6 +311,7 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_processes(config)
         model = check_model(config)
         check_data(config)
+        check_transfer(config)
         check_optimisation(config)
         check_length(config)
         check_cadence(config)

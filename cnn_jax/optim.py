@@ -18,6 +18,7 @@ improving" schedule (`plateau_update`) acts between steps.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -96,19 +97,41 @@ def optax_sgd(learning_rate, momentum=0.9, weight_decay=5e-4, mask=None):
 OPTIMIZERS = {"paper_sgd": paper_sgd, "sgdw": sgdw, "optax_sgd": optax_sgd}
 
 
+def parameter_labels(frozen: str = "", slow: str = "") -> Callable:
+    """params -> a tree of 'frozen', 'slow' or 'train' per leaf, by `re.search` of the
+    regular expressions on its path ('conv1/kernel', 'stage1_block1/bn1/scale')."""
+
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        if frozen and re.search(frozen, name):
+            return "frozen"
+        return "slow" if slow and re.search(slow, name) else "train"
+
+    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: float = 0.9,
-                   weight_decay: float = 5e-4, decay: str = "all") -> optax.GradientTransformation:
+                   weight_decay: float = 5e-4, decay: str = "all", frozen: str = "", slow: str = "",
+                   slow_lr_scale: float = 1.0) -> optax.GradientTransformation:
     """One of `OPTIMIZERS`, with the learning rate = schedule(step) * lr_scale.
 
     `lr_scale` lives in the optimiser state (see `set_lr_scale`), so it is checkpointed and
-    a resumed run continues with the same rate.
+    a resumed run continues with the same rate. Parameters whose path matches `frozen` get
+    no update, no weight decay and no optimiser state (`optax.multi_transform` with
+    `optax.set_to_zero`); those matching `slow` train at `slow_lr_scale` times the rate
+    (a pretrained backbone under a new head).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     mask = decay_mask(decay)
 
     def build(learning_rate, lr_scale, momentum, weight_decay):
-        return OPTIMIZERS[name](learning_rate * lr_scale, momentum, weight_decay, mask)
+        rule = lambda rate: OPTIMIZERS[name](rate, momentum, weight_decay, mask)  # noqa: E731
+        if not (frozen or slow):
+            return rule(learning_rate * lr_scale)
+        return optax.multi_transform({"train": rule(learning_rate * lr_scale), "frozen": optax.set_to_zero(),
+                                      "slow": rule(learning_rate * lr_scale * slow_lr_scale)},
+                                     parameter_labels(frozen, slow))
 
     return optax.inject_hyperparams(build)(learning_rate=learning_rate, lr_scale=1.0,
                                            momentum=momentum, weight_decay=weight_decay)

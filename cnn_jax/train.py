@@ -27,7 +27,7 @@ from flax import struct
 
 from tqdm.auto import tqdm
 
-from cnn_jax import evaluate, metrics, optim, viz
+from cnn_jax import evaluate, metrics, optim, transfer, viz
 from cnn_jax.checkpoint import CheckpointError, Checkpointer
 from cnn_jax.data import augment, pipeline, store
 from cnn_jax.data.sources import open_split
@@ -147,12 +147,18 @@ def _total_steps(config, steps_per_epoch: int) -> int:
     return max(1, round(config.num_epochs * steps_per_epoch))
 
 
-def _make_optimizer(config, total_steps: int):
+def _make_optimizer(config, total_steps: int, model):
     schedule = optim.make_schedule(config.schedule, config.learning_rate, total_steps=total_steps,
                                    boundaries=tuple(config.step_boundaries), factor=config.lr_drop_factor,
                                    warmup_steps=config.warmup_steps)
     return optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                                weight_decay=config.weight_decay, decay=config.decay_mask)
+                                weight_decay=config.weight_decay, decay=config.decay_mask,
+                                **_freezing(config, model))
+
+
+def _freezing(config, model) -> dict:
+    return transfer.patterns(model, freeze=config.freeze, head_only=config.head_only,
+                             backbone_lr_scale=config.backbone_lr_scale)
 
 
 def _after_eval(state: TrainState, error: float, config) -> TrainState:
@@ -196,7 +202,7 @@ class Run:
     """One training run's pieces, built after every check passed; closed on every path."""
 
     def __init__(self, config, workdir: pathlib.Path, stack: contextlib.ExitStack):
-        from cnn_jax import parallel
+        from cnn_jax import checks, parallel
 
         self.config, self.workdir = config, workdir
         self.processes, self.process = jax.process_count(), jax.process_index()
@@ -205,22 +211,30 @@ class Run:
                                   config.pca_noise, config.store_format)
         train_split = open_split(config.dataset, config.train_split, config.data_dir)
         eval_split = open_split(config.dataset, config.eval_split, config.data_dir)
-        pipeline.check_enough(len(train_split), config.batch_size)
+        num_classes = checks.class_count(config, train_split.num_classes)
+        if not config.classes and not config.train_per_class:
+            pipeline.check_enough(len(train_split), config.batch_size)
         self.workers = config.workers or store.default_workers()
         self.train_store = _prepared(train_split, spec, self.workers, self.process)
         self.eval_store = _prepared(eval_split, spec, self.workers, self.process)
-        stats = _statistics(self.train_store, self.process)
+        stats = _statistics(self.train_store, self.process)  # of the whole split, subsets or not
+        self.train_store = store.subset(self.train_store, tuple(config.classes), config.train_per_class)
+        self.eval_store = store.subset(self.eval_store, tuple(config.classes))
+        pipeline.check_enough(len(self.train_store), config.batch_size)
         self.prep = augment.make_preprocessor(stats["mean"], stats["eigenvalues"], stats["eigenvectors"],
                                               input_size=spec.input_size, flip=spec.flip,
                                               pca_noise=spec.pca_noise)
-        model = get_model(config.model_name, num_classes=train_split.num_classes, **config.model.to_dict())
+        self.model = model = get_model(config.model_name, num_classes=num_classes, **config.model.to_dict())
         self.stream = pipeline.TrainStream(self.train_store, batch_size=config.batch_size, seed=config.seed,
                                            shard_index=self.process, shard_count=self.processes)
         self.total_steps = _total_steps(config, self.stream.steps_per_epoch)
         self.eval_every = config.eval_every_steps or self.stream.steps_per_epoch
         root_key = jax.random.key(config.seed)
-        state = create_train_state(jax.random.fold_in(root_key, 0), model, _make_optimizer(config, self.total_steps),
+        state = create_train_state(jax.random.fold_in(root_key, 0), model,
+                                   _make_optimizer(config, self.total_steps, model),
                                    (config.input_size, config.input_size, config.channels))
+        if config.freeze or config.head_only or config.backbone_lr_scale != 1.0:
+            print(transfer.describe_training(state.params, **_freezing(config, model)))
         state = state.replace(apply_fn=parallel.apply_fn(model, self.mesh))
         self.runner = parallel.make_runner(config.parallel, self.mesh, model, state,
                                            functools.partial(train_step, aux_weight=config.aux_weight),
@@ -231,6 +245,15 @@ class Run:
                                  keep=config.keep_checkpoints)
         stack.callback(self.ckpt.close)
         self.writer = stack.enter_context(MetricWriter(workdir, enabled=self.process == 0))
+
+    def start_from(self, source: str, state):
+        """`state` with the parameters and batch statistics of `source` (`transfer.initial_variables`)."""
+        host = self.runner.host_state(state)
+        start = transfer.initial_variables(source, self.model, {"params": host.params, "batch_stats": host.batch_stats},
+                                           new_head=self.config.new_head)
+        print(start.describe())
+        state = host.replace(params=start.variables["params"], batch_stats=start.variables.get("batch_stats", {}))
+        return jax.device_put(state, self.runner.state_shardings)
 
     def evaluate(self, state, crops: str = "centre") -> dict:
         """Mean loss and errors over the eval split; this process reads only its share."""
@@ -338,7 +361,10 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     step = 0
     if resumed is not None:
         step = resumed
-        print(f"resumed from {run.ckpt.directory}/{resumed} (step {step} of {run.total_steps})")
+        print(f"resumed from {run.ckpt.directory}/{resumed} (step {step} of {run.total_steps})"
+              + (" (--config.init_from applies to a fresh run only)" if config.init_from else ""))
+    elif config.init_from:
+        state = run.start_from(config.init_from, state)
     state = run.runner.place_state(state)
     if config.eval_only:
         if resumed is None:

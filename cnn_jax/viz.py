@@ -62,6 +62,31 @@ def save_conv1_figure(params, path) -> pathlib.Path:
     return path
 
 
+def plot_curves(panels: dict, path, *, title: str, xlabel: str = "training steps",
+                ylabel: str = "validation top-1 error (%)") -> pathlib.Path:
+    """One panel per entry of `panels` ({panel title: {line label: (steps, mean, low, high)}}):
+    each line the mean over seeds, shaded from the lowest to the highest seed. PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for label, (steps, mean, low, high) in lines.items():
+            (line,) = ax.plot(steps, mean, label=label, marker=".")
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set(title=panel, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
 def _checkpoint_params(location: pathlib.Path):
     if (location / "checkpoints").is_dir():
         location = location / "checkpoints"

@@ -23,9 +23,10 @@ from cnn_jax.checks import ConfigError
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import StoreError
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
+from cnn_jax.transfer import TransferError
 from cnn_jax.workdir import WorkdirError
 
-USER_ERRORS = (ConfigError, WorkdirError, DatasetError, StoreError)  # exit status 2
+USER_ERRORS = (ConfigError, WorkdirError, DatasetError, StoreError, TransferError)  # exit status 2
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -42,6 +43,14 @@ def base_config() -> config_dict.ConfigDict:
     c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
     c.pca_noise = 0.1  # the paper's colour augmentation: alpha_i ~ N(0, 0.1); 0 turns it off
     c.workers = 0  # read-ahead threads; 0: auto (one per core)
+    c.classes = ()  # keep only these classes of the dataset, relabelled 0..k-1 in this order; (): all
+    c.train_per_class = 0  # at most this many training images of each class (0: all)
+    # transfer: start from trained weights, freeze, replace the head
+    c.init_from = ""  # a PyTorch-format weights file (.pth, .pt, .safetensors) or another run's workdir
+    c.freeze = ""  # regular expression over parameter paths (e.g. '^conv'): no update, no decay
+    c.head_only = False  # train only the model's head (its last layer), freeze the rest
+    c.new_head = False  # with init_from: a fresh head even when the class count matches (other classes)
+    c.backbone_lr_scale = 1.0  # the rate of everything but the head, as a multiple of the head's
     # optimisation: the paper's rule and constants
     c.optimizer = "paper_sgd"
     c.learning_rate = 0.01
@@ -152,7 +161,7 @@ def _processes(config) -> tuple[int, str]:
             config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
 
 
-def prepare(get_config, argv) -> tuple[config_dict.ConfigDict, str]:
+def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, str]:
     """(config, workdir) from the command line, checked before anything is read or written.
 
     One process: the whole config is checked here. Several: `train_and_evaluate` checks it
@@ -169,7 +178,7 @@ def prepare(get_config, argv) -> tuple[config_dict.ConfigDict, str]:
                           "set --config.coordinator_address=HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
     if count == 1:
         config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
-    return config, workdir or f"runs/{config.model_name}_{config.dataset}"
+    return config, workdir or f"runs/{name or f'{config.model_name}_{config.dataset}'}"
 
 
 def usage(get_config) -> str:
@@ -197,11 +206,14 @@ def _error(err: BaseException, status: int) -> int:
     return status
 
 
-def main(get_config, argv, describe=describe) -> int:
+def main(get_config, argv, describe=describe, job=None, show=report, name: str = "") -> int:
     """Runs the experiment for `argv` (argv[0]: the program) and returns the exit status.
 
-    Callable in-process (tests): each call parses into fresh flags. User errors print one
-    line `error: ...` and return 2; a run stopped by a signal returns 128 + its number.
+    `job(config, workdir) -> result` is the work (default: one `train_and_evaluate`) and
+    `show(config, result)` prints it; the default workdir is runs/<name>, or
+    runs/<model>_<dataset> for a single run. Callable in-process (tests): each call parses into
+    fresh flags. User errors print one line `error: ...` and return 2; a run stopped by a
+    signal returns 128 + its number.
     """
     logging.use_absl_handler()
     logging.set_verbosity(logging.WARNING)  # before parsing: --verbosity overrides it
@@ -209,9 +221,9 @@ def main(get_config, argv, describe=describe) -> int:
         print(usage(get_config))
         return 0
     try:
-        config, workdir = prepare(get_config, argv)
+        config, workdir = prepare(get_config, argv, name)
         print(describe(config))
-        result = train_and_evaluate(config, workdir)
+        result = (job or train_and_evaluate)(config, workdir)
     except USER_ERRORS as err:
         return _error(err, 2)
     except NonFiniteLossError as err:
@@ -222,7 +234,7 @@ def main(get_config, argv, describe=describe) -> int:
         return 130
     except (ValueError, RuntimeError) as err:  # a run that cannot go on, e.g. eval_only with no checkpoint
         return _error(err, 1)
-    report(config, result)
+    show(config, result)
     return 0
 
 
@@ -248,8 +260,8 @@ def _no_orbax_thread_tracebacks(record) -> bool:
     return True
 
 
-def run(get_config, describe=describe):
+def run(get_config, describe=describe, job=None, show=report, name: str = ""):
     """`python -m experiments.<name>`: `main` on the command line, its status the exit code."""
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.get_absl_handler().addFilter(_no_orbax_thread_tracebacks)
-    sys.exit(main(get_config, sys.argv, describe))
+    sys.exit(main(get_config, sys.argv, describe, job, show, name))

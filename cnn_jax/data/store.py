@@ -211,3 +211,39 @@ class Store:
 
     def __repr__(self):
         return f"Store({str(self.directory)!r}, {len(self)} images)"
+
+
+def subset(base: Store, classes: tuple = (), per_class: int = 0):
+    """`base` itself, or its `Subset` of `classes` (() : all) with `per_class` images each."""
+    if not classes and not per_class:
+        return base
+    return Subset(base, classes or range(int(base.labels.max()) + 1), per_class)
+
+
+class Subset:
+    """A view of a `Store` holding only `classes`, relabelled 0..k-1 in that order, with at
+    most `per_class` images of each (0: all; the first in the store's order): the pieces of a
+    transfer experiment (digits 0-4, then 5-9 from 20 images a class) from one prepared split."""
+
+    def __init__(self, base: Store, classes, per_class: int = 0):
+        classes = [int(c) for c in classes]
+        picked = [np.flatnonzero(base.labels == c) for c in classes]
+        self.rows = np.sort(np.concatenate([rows[:per_class] if per_class else rows for rows in picked]))
+        new_label = np.full(int(base.labels.max()) + 1, -1, np.int64)
+        new_label[classes] = np.arange(len(classes))
+        self.base, self.spec, self.directory = base, base.spec, base.directory
+        self.labels = new_label[base.labels[self.rows]].astype(base.labels.dtype)
+        self.classes = tuple(classes)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.base.shape
+
+    def images(self, indices) -> np.ndarray:
+        return self.base.images(self.rows[np.asarray(list(indices), np.int64)])
+
+    def __repr__(self):
+        return f"Subset({self.base!r}, classes {list(self.classes)}, {len(self)} images)"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet")
+_FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision")
 
 
 def register(name: str):

@@ -53,6 +53,7 @@ class AlexNet(nn.Module):
     """
 
     input_shape = (227, 227, 3)  # class constant, not a field: the size the paper's arithmetic needs
+    head = ("fc8",)  # the layers whose shape follows num_classes
 
     num_classes: int = 1000
     dropout_rate: float = 0.5
@@ -101,6 +102,7 @@ class AlexNetBN(nn.Module):
     """
 
     input_shape = (224, 224, 3)
+    head = ("fc9",)
 
     num_classes: int = 17
     conv2_kernel: int = 5

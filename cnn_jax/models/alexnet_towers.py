@@ -53,6 +53,7 @@ class AlexNetTowers(nn.Module):
     """The paper's two-GPU AlexNet. `__call__(x, *, train)` takes NHWC images, returns logits."""
 
     input_shape = (227, 227, 3)
+    head = ("fc8",)
     # Parameters are tower-stacked: their axis 0 is split over the mesh's 'model' axis.
     partition_rules = ((r"(conv\d|fc\d)/(kernel|bias)$", P("model")),)
 

@@ -74,6 +74,7 @@ class AuxHead(nn.Module):
 @register("googlenet")
 class GoogLeNet(nn.Module):
     input_shape = (224, 224, 3)
+    head = ("fc", "aux1/fc2", "aux2/fc2")
 
     num_classes: int = 1000
     aux_heads: bool = True

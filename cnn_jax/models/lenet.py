@@ -119,6 +119,7 @@ class EuclideanRBF(nn.Module):
 
 class _LeNet(nn.Module):
     input_shape = (32, 32, 1)
+    head = ("output",)
 
     num_classes: int = 10
     dtype: Any = jnp.float32

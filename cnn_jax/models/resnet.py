@@ -92,6 +92,8 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    head = ("fc",)
+
     @property
     def input_shape(self):
         return (32, 32, 3) if self.cifar else (224, 224, 3)

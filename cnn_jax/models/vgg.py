@@ -27,6 +27,7 @@ class VGG(nn.Module):
     """VGG; `config` is one of 'A', 'B', 'D', 'E'. Returns float32 logits."""
 
     input_shape = (224, 224, 3)
+    head = ("fc8",)
 
     config: str = "D"
     num_classes: int = 1000

@@ -1,0 +1,323 @@
+"""PyTorch-format weights in and out, for torchvision's layouts of the zoo's networks.
+
+    variables = weights.load("resnet50.pth", get_model("resnet50"))   # or a .safetensors file
+    weights.save(variables, get_model("resnet50"), "exported.safetensors")
+
+A PyTorch state dict maps dotted names to tensors in PyTorch's layouts: convolution kernels
+(out, in, height, width), linear weights (out, in), and the first linear layer after a
+convolution stack reads its input flattened channel-major (C, H, W). Flax keeps kernels
+(height, width, in, out) and (in, out), and flattens (H, W, C). Batch norm's weight, bias,
+running_mean and running_var become 'params' scale and bias and 'batch_stats' mean and var.
+
+Supported: `vgg11`...`vgg19` and their `_bn` forms (torchvision's VGG, whose adaptive 7x7
+pool is the identity at 224x224), `resnet18`...`resnet152`, `googlenet_torchvision` and
+`alexnet_torchvision`. `.safetensors` files need only the `safetensors` package; `.pth` /
+`.pt` files need PyTorch (`pip install 'cnn_jax[torch]'`) and load with
+`torch.load(weights_only=True)`, which refuses pickles that would run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read into the model; the message says why in one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One parameterised layer: its Flax module path, its state-dict prefix, and its kind:
+    'conv', 'dense', 'dense_chw' (reads a (C, H, W) flattening of `channels`) or 'bn'."""
+
+    path: tuple[str, ...]
+    prefix: str
+    kind: str
+    channels: int = 0
+
+
+# ---- the layouts ---------------------------------------------------------------------
+
+def _vgg_prefixes(model) -> Callable[[tuple], str]:
+    from cnn_jax.models.vgg import CONFIGS
+
+    names, i = {}, 0
+    for block, convs in enumerate(CONFIGS[model.config], start=1):
+        for j in range(1, convs + 1):  # torchvision's `features`: conv, [bn], relu, ..., pool
+            names[f"conv{block}_{j}"] = f"features.{i}"
+            names[f"bn{block}_{j}"] = f"features.{i + 1}"
+            i += 3 if model.batch_norm else 2
+        i += 1
+    names.update(fc6="classifier.0", fc7="classifier.3", fc8="classifier.6")
+    return lambda path: names[path[0]]
+
+
+def _resnet_prefix(path: tuple) -> str:
+    stage = re.fullmatch(r"stage(\d+)_block(\d+)", path[0])
+    if not stage:
+        return ".".join(path)
+    inner = {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}.get(path[1], path[1])
+    return f"layer{stage.group(1)}.{int(stage.group(2)) - 1}.{inner}"
+
+
+def _alexnet_prefix(path: tuple) -> str:
+    return {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
+            "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}[path[0]]
+
+
+def _googlenet_prefix(path: tuple) -> str:
+    return re.sub(r"branch(\d)_(\d)", r"branch\1.\2", ".".join(path))
+
+
+def _family(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
+    """(Flax module path -> state-dict prefix, {path of a layer reading a (C, H, W) flattening: C})."""
+    from cnn_jax.models.resnet import ResNet
+    from cnn_jax.models.torchvision import AlexNetTorchvision, GoogLeNetTorchvision
+    from cnn_jax.models.vgg import VGG
+
+    if isinstance(model, VGG):
+        return _vgg_prefixes(model), {("fc6",): 512}
+    if isinstance(model, ResNet) and not model.cifar and model.shortcut == "B":
+        return _resnet_prefix, {}
+    if isinstance(model, AlexNetTorchvision):
+        return _alexnet_prefix, {("fc6",): 256}
+    if isinstance(model, GoogLeNetTorchvision):
+        return _googlenet_prefix, {("aux1", "fc1"): 128, ("aux2", "fc1"): 128}
+    raise WeightsError(f"{type(model).__name__} has no torchvision layout: weights load into vgg11..vgg19(_bn), "
+                       "resnet18..resnet152, googlenet_torchvision and alexnet_torchvision")
+
+
+def abstract_variables(model: nn.Module) -> dict:
+    """The model's variables as shapes (nothing is computed)."""
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False))
+
+
+def layers(model: nn.Module, variables=None) -> list[Layer]:
+    """Every parameterised layer of `model` with its state-dict prefix and kind."""
+    to_prefix, chw = _family(model)
+    params = (variables or abstract_variables(model))["params"]
+    found = []
+
+    def walk(tree, path):
+        if "kernel" in tree:
+            kind = "conv" if len(tree["kernel"].shape) == 4 else "dense_chw" if path in chw else "dense"
+            found.append(Layer(path, to_prefix(path), kind, chw.get(path, 0)))
+        elif "scale" in tree:
+            found.append(Layer(path, to_prefix(path), "bn"))
+        else:
+            for name, sub in tree.items():
+                walk(sub, (*path, name))
+
+    walk(params, ())
+    return found
+
+
+def _chw_to_hwc(weight: np.ndarray, channels: int) -> np.ndarray:
+    """A PyTorch (out, C*H*W) linear weight as a Flax (H*W*C, out) kernel."""
+    out, n = weight.shape
+    side = int(round((n // channels) ** 0.5))
+    return weight.reshape(out, channels, side, side).transpose(2, 3, 1, 0).reshape(n, out)
+
+
+def _hwc_to_chw(kernel: np.ndarray, channels: int) -> np.ndarray:
+    n, out = kernel.shape
+    side = int(round((n // channels) ** 0.5))
+    return kernel.reshape(side, side, channels, out).transpose(3, 2, 0, 1).reshape(out, n)
+
+
+def to_flax(layer: Layer, tensors: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{'params': {...}, 'batch_stats': {...}} leaves of one layer from its PyTorch tensors."""
+    get = lambda name: tensors[f"{layer.prefix}.{name}"]  # noqa: E731
+    if layer.kind == "bn":
+        return {"params": {"scale": get("weight"), "bias": get("bias")},
+                "batch_stats": {"mean": get("running_mean"), "var": get("running_var")}}
+    weight = get("weight")
+    kernel = {"conv": lambda w: w.transpose(2, 3, 1, 0), "dense": lambda w: w.T,
+              "dense_chw": lambda w: _chw_to_hwc(w, layer.channels)}[layer.kind](weight)
+    params = {"kernel": kernel}
+    if f"{layer.prefix}.bias" in tensors:
+        params["bias"] = get("bias")
+    return {"params": params}
+
+
+def to_torch(layer: Layer, leaves: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The inverse of `to_flax`: PyTorch tensors (as NumPy) of one layer."""
+    params, out = leaves["params"], {}
+    if layer.kind == "bn":
+        stats = leaves["batch_stats"]
+        return {f"{layer.prefix}.weight": params["scale"], f"{layer.prefix}.bias": params["bias"],
+                f"{layer.prefix}.running_mean": stats["mean"], f"{layer.prefix}.running_var": stats["var"],
+                f"{layer.prefix}.num_batches_tracked": np.zeros((), np.int64)}
+    kernel = params["kernel"]
+    out[f"{layer.prefix}.weight"] = {"conv": lambda k: k.transpose(3, 2, 0, 1), "dense": lambda k: k.T,
+                                     "dense_chw": lambda k: _hwc_to_chw(k, layer.channels)}[layer.kind](kernel)
+    if "bias" in params:
+        out[f"{layer.prefix}.bias"] = params["bias"]
+    return out
+
+
+def _subtree(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _assign(tree: dict, path: tuple, leaves: dict):
+    for name in path:
+        tree = tree.setdefault(name, {})
+    tree.update(leaves)
+
+
+def _expected(model, abstract) -> dict[str, tuple[Layer, tuple]]:
+    """{state-dict key: (layer, the PyTorch shape the model needs)}."""
+    expected = {}
+    for layer in layers(model, abstract):
+        leaves = {c: _subtree(abstract[c], layer.path) for c in ("params", "batch_stats")
+                  if c in abstract and (c == "params" or layer.kind == "bn")}
+        dummy = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), leaves)
+        for key, value in to_torch(layer, dummy).items():
+            expected[key] = (layer, value.shape)
+    return expected
+
+
+def _listed(keys: list[str], what: str) -> str:
+    shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+    return f"{len(keys)} {what} ({shown})"
+
+
+def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Iterable[str] = ()) -> tuple[dict, list[str]]:
+    """(Flax variables, the layers left as initialised) from a state dict of NumPy arrays.
+
+    Strict: missing and unexpected keys and shape mismatches are `WeightsError`s. Layers whose
+    Flax path starts with one of `replace` (e.g. the model's `head` for a new class count) may
+    be missing or of another shape; they keep freshly initialised values, and are returned.
+    """
+    abstract = abstract_variables(model)
+    expected = _expected(model, abstract)
+    replaceable = lambda layer: any("/".join(layer.path).startswith(r) for r in replace)  # noqa: E731
+    ignored = {k for k in state if k.endswith(".num_batches_tracked")}
+    missing = [k for k, (layer, _) in expected.items() if k not in state and not k.endswith(".num_batches_tracked")
+               and not replaceable(layer)]
+    unexpected = [k for k in state if k not in expected and k not in ignored]
+    if missing or unexpected:
+        parts = [_listed(missing, "missing")] if missing else []
+        parts += [_listed(unexpected, "unexpected")] if unexpected else []
+        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); is this "
+                           "file for another network?")
+    replaced = []
+    for key, (layer, shape) in expected.items():
+        if key.endswith(".num_batches_tracked"):
+            continue
+        if key not in state or tuple(state[key].shape) != tuple(shape):
+            if replaceable(layer):
+                replaced.append("/".join(layer.path))
+                continue
+            raise WeightsError(f"parameter {key} (layer {'/'.join(layer.path)} here) has shape {tuple(state[key].shape)} in "
+                               f"the file but {type(model).__name__} needs {tuple(shape)}: build the model with the "
+                               "file's sizes (e.g. its num_classes)")
+    variables = {}
+    for layer in {layer for layer, _ in expected.values()}:
+        if "/".join(layer.path) in replaced:
+            continue
+        for collection, leaves in to_flax(layer, state).items():
+            _assign(variables.setdefault(collection, {}), layer.path, {k: np.asarray(v, np.float32)
+                                                                       for k, v in leaves.items()})
+    return variables, sorted(set(replaced))
+
+
+# ---- files ---------------------------------------------------------------------------
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    """A state dict file as {key: float32 NumPy array}: `.safetensors` without PyTorch,
+    anything else through `torch.load(weights_only=True)`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    else:
+        state = _torch_load(path)
+    return {k: np.asarray(v, np.float32) if np.asarray(v).dtype != np.int64 else np.asarray(v)
+            for k, v in state.items()}
+
+
+def _torch_load(path: pathlib.Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"reading {path.name} needs PyTorch: pip install 'cnn_jax[torch]', or use a "
+                           ".safetensors file") from None
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe:
+            raise WeightsError(f"refused to load {path}: unpickling it would call {unsafe.group(1)} (code, or "
+                               "objects other than tensors); only plain state dicts are read") from None
+        raise WeightsError(f"{path} is not a PyTorch weights file (it does not unpickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is not a PyTorch weights file ({str(err).splitlines()[0]})") from None
+    for wrapper in ("state_dict", "model"):  # training checkpoints that hold a state dict
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors: save "
+                           "model.state_dict()")
+    strip = all(k.startswith("module.") for k in obj)  # saved from DataParallel
+    return {k.removeprefix("module.") if strip else k: v.detach().float().numpy() if v.is_floating_point()
+            else v.numpy() for k, v in obj.items()}
+
+
+def load(path, model: nn.Module, *, replace: Iterable[str] = ()) -> dict:
+    """Flax variables for `model` from a PyTorch-format weights file (strict; see `convert`).
+    A model without a torchvision layout is refused before the file is read."""
+    _family(model)
+    return convert(read_state_dict(path), model, replace=replace)[0]
+
+
+def export(variables, model: nn.Module) -> dict[str, np.ndarray]:
+    """The torchvision state dict (NumPy arrays) of `variables`, with `num_batches_tracked`
+    buffers, so that `load_state_dict(..., strict=True)` accepts it."""
+    variables = jax.device_get(variables)
+    state = {}
+    for layer in layers(model, variables):
+        leaves = {c: _subtree(variables[c], layer.path) for c in ("params", "batch_stats")
+                  if c in variables and (c == "params" or layer.kind == "bn")}
+        state.update(to_torch(layer, jax.tree.map(np.asarray, leaves)))
+    return state
+
+
+def save(variables, model: nn.Module, path) -> pathlib.Path:
+    """Writes `export(variables, model)` as `.safetensors` (no PyTorch needed) or, for any
+    other suffix, with `torch.save`."""
+    path, state = pathlib.Path(path), export(variables, model)
+    state = {k: np.array(v, order="C", copy=True) for k, v in state.items()}  # writable: torch wants them
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(state, str(path))
+        return path
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"writing {path.name} needs PyTorch: pip install 'cnn_jax[torch]', or save as "
+                           ".safetensors") from None
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    return path

@@ -1,0 +1,141 @@
+"""Transfer learning on the offline digits: `python -m experiments.transfer`.
+
+A network pretrained on digits 0-4 learns digits 5-9. Its convolutions already detect
+strokes, so with few target images training only a new classifier head should beat
+training from scratch, and with many images fine-tuning everything at a lower rate should
+still start ahead. Runs, each on the 5-9 validation digits every `eval_every_steps`:
+
+    pretrain      digits 0-4, every training image, from scratch
+    small target  20 images of each of 5-9: head only | fine-tuned | from scratch
+    full target   every training image of 5-9:  head only | fine-tuned | from scratch
+
+"head only" freezes everything but the new head (`--config.head_only`); "fine-tuned"
+trains everything, the pretrained layers at `backbone_lr_scale` times the head's rate.
+The target runs repeat for `experiment.seeds` seeds. Writes results.json, results.md and
+transfer.png (validation error against steps) to the workdir (default runs/transfer).
+Budget: about 4 minutes on 2 CPU cores (LeNet-5 with ReLU and max pooling, 32x32 grey).
+Every run is a workdir of its own: rerunning resumes and skips finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+from ml_collections import config_dict
+
+from cnn_jax import viz
+from cnn_jax.train import train_and_evaluate
+from experiments import _run
+
+VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
+    "small, head only": ("small", True, dict(head_only=True)),
+    "small, fine-tuned": ("small", True, dict(backbone_lr_scale=0.1)),
+    "small, from scratch": ("small", False, {}),
+    "full, head only": ("full", True, dict(head_only=True)),
+    "full, fine-tuned": ("full", True, dict(backbone_lr_scale=0.1)),
+    "full, from scratch": ("full", False, {}),
+}
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = _run.base_config()
+    c.model_name = "lenet5_modern"
+    c.model = config_dict.ConfigDict(dict(dtype="float32"))
+    c.input_size, c.resize_size, c.channels = 32, 32, 1
+    c.pca_noise = 0.0
+    c.learning_rate, c.weight_decay, c.decay_mask, c.schedule = 0.02, 5e-4, "kernels", "constant"
+    c.batch_size, c.eval_every_steps, c.log_every_steps = 32, 20, 20
+    c.experiment = config_dict.ConfigDict(dict(
+        source_classes=(0, 1, 2, 3, 4), target_classes=(5, 6, 7, 8, 9), small_per_class=20,
+        pretrain_steps=600, target_steps=300, seeds=3))
+    return c
+
+
+def _runs(config) -> list[tuple[str, int, dict]]:
+    """(variant, seed, the run's config values), the pretraining first."""
+    e = config.experiment
+    steps = 3 if config.smoke else e.target_steps
+    runs = [("pretrain", 0, dict(classes=tuple(e.source_classes), num_train_steps=3 if config.smoke else e.pretrain_steps))]
+    for seed in range(1 if config.smoke else e.seeds):
+        for name, (size, pretrained, changes) in VARIANTS.items():
+            runs.append((name, seed, dict(classes=tuple(e.target_classes), num_train_steps=steps, seed=seed,
+                                          train_per_class=e.small_per_class if size == "small" else 0,
+                                          **changes)))
+    return runs
+
+
+def _folder(variant: str, seed: int) -> str:
+    return variant.replace(", ", "_").replace(" ", "_").replace("-", "") + ("" if variant == "pretrain" else f"_seed{seed}")
+
+
+def _curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
+    """The run's logged validation top-1 errors, by step (the last entry per step)."""
+    errors = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "eval/top1_error" in entry:
+            errors[entry["step"]] = entry["eval/top1_error"]
+    return sorted(errors), [errors[s] for s in sorted(errors)]
+
+
+def run_all(config, workdir) -> dict:
+    """Every run of `_runs`, then the summary files."""
+    root = pathlib.Path(workdir)
+    pretrained = root / "pretrain"
+    results = {}
+    for variant, seed, values in _runs(config):
+        size, from_pretrained, _ = VARIANTS.get(variant, ("", False, {}))
+        run_config = config_dict.ConfigDict(config.to_dict())
+        with run_config.unlocked():
+            for key, value in values.items():
+                setattr(run_config, key, value)
+            run_config.init_from = str(pretrained) if from_pretrained else ""
+            run_config.new_head = from_pretrained  # digits 5-9 are other classes than 0-4
+            run_config.checkpoint_every_steps = run_config.num_train_steps
+        print(f"\n== {variant} (seed {seed}) ==", flush=True)
+        folder = root / _folder(variant, seed)
+        final = train_and_evaluate(run_config, folder)
+        steps, errors = _curve(folder)
+        results.setdefault(variant, []).append({"seed": seed, "final_top1_error": final["top1_error"],
+                                                "steps": steps, "top1_error": errors})
+    return summarise(results, config, root)
+
+
+def summarise(results: dict, config, root: pathlib.Path) -> dict:
+    """results.json, results.md and transfer.png from the runs' curves."""
+    e = config.experiment
+    table = ["| target images | start | trained | validation top-1 error, first eval | final (mean, range over seeds) |",
+             "|---|---|---|---:|---:|"]
+    panels = {"small target (%d images a class)" % e.small_per_class: {}, "full target (every image)": {}}
+    summary = {}
+    for variant, runs in results.items():
+        finals = [r["final_top1_error"] for r in runs]
+        curves = np.array([r["top1_error"] for r in runs]) * 100
+        summary[variant] = {"final_top1_error_mean": float(np.mean(finals)), "min": float(np.min(finals)),
+                            "max": float(np.max(finals)), "runs": runs}
+        if variant == "pretrain":
+            continue
+        size, start = variant.split(", ", 1)
+        panel = next(p for p in panels if p.startswith(size))
+        panels[panel][start] = (runs[0]["steps"], curves.mean(0), curves.min(0), curves.max(0))
+        table.append(f"| {size} | {'digits 0-4 net' if start != 'from scratch' else 'random'} | {start} | "
+                     f"{curves.mean(0)[0]:.1f}% | {np.mean(finals):.1%} ({np.min(finals):.1%}-{np.max(finals):.1%}) |")
+    pre = summary["pretrain"]["final_top1_error_mean"]
+    note = (f"Pretraining on digits {list(e.source_classes)}: validation top-1 error {pre:.1%}. Target: digits "
+            f"{list(e.target_classes)}, {len(results[next(iter(VARIANTS))])} seed(s), {config.model_name}.")
+    (root / "results.json").write_text(json.dumps({"config": config.to_dict(), "results": summary}, indent=1))
+    (root / "results.md").write_text("\n".join([note, "", *table]) + "\n")
+    viz.plot_curves(panels, root / "transfer.png", title=f"Transfer from digits 0-4 to 5-9 ({config.model_name})")
+    return {"note": note, "table": table, "files": [str(root / n) for n in ("results.json", "results.md", "transfer.png")]}
+
+
+def show(config, result: dict):
+    print("\n" + result["note"] + "\n\n" + "\n".join(result["table"]))
+    for path in result["files"]:
+        print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    _run.run(get_config, job=run_all, show=show, name="transfer")
