@@ -213,8 +213,9 @@ def check_data(config):
     int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")
 
 
-def check_transfer(config):
-    """Class subsets, the weights to start from, and what to freeze."""
+def check_transfer(config, model):
+    """Class subsets, the weights to start from (a weights file needs a model with a
+    torchvision layout), and what to freeze."""
     classes = tuple(config.classes)
     if classes and (not all(_is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes)
                     or len(classes) < 2):
@@ -223,6 +224,13 @@ def check_transfer(config):
     if config.init_from and not os.path.exists(config.init_from):
         _fail("init_from", config.init_from, "no such file or folder: give a .pth, .pt or .safetensors file, or a "
                                              "run's workdir")
+    if config.init_from and os.path.isfile(config.init_from):
+        from cnn_jax import weights
+
+        try:
+            weights.layout(model)
+        except weights.WeightsError as err:
+            _fail("init_from", config.init_from, str(err))
     try:
         re.compile(config.freeze)
     except re.error as err:
@@ -311,7 +319,7 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_processes(config)
         model = check_model(config)
         check_data(config)
-        check_transfer(config)
+        check_transfer(config, model)
         check_optimisation(config)
         check_length(config)
         check_cadence(config)

@@ -234,7 +234,9 @@ class Run:
                                    _make_optimizer(config, self.total_steps, model),
                                    (config.input_size, config.input_size, config.channels))
         if config.freeze or config.head_only or config.backbone_lr_scale != 1.0:
-            print(transfer.describe_training(state.params, **_freezing(config, model)))
+            described = transfer.describe_training(state.params, **_freezing(config, model))
+            if self.process == 0:
+                print(described)
         state = state.replace(apply_fn=parallel.apply_fn(model, self.mesh))
         self.runner = parallel.make_runner(config.parallel, self.mesh, model, state,
                                            functools.partial(train_step, aux_weight=config.aux_weight),
@@ -251,7 +253,8 @@ class Run:
         host = self.runner.host_state(state)
         start = transfer.initial_variables(source, self.model, {"params": host.params, "batch_stats": host.batch_stats},
                                            new_head=self.config.new_head)
-        print(start.describe())
+        if self.process == 0:
+            print(start.describe())
         state = host.replace(params=start.variables["params"], batch_stats=start.variables.get("batch_stats", {}))
         return jax.device_put(state, self.runner.state_shardings)
 

@@ -77,7 +77,7 @@ def _googlenet_prefix(path: tuple) -> str:
     return re.sub(r"branch(\d)_(\d)", r"branch\1.\2", ".".join(path))
 
 
-def _family(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
+def layout(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
     """(Flax module path -> state-dict prefix, {path of a layer reading a (C, H, W) flattening: C})."""
     from cnn_jax.models.resnet import ResNet
     from cnn_jax.models.torchvision import AlexNetTorchvision, GoogLeNetTorchvision
@@ -85,7 +85,10 @@ def _family(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
 
     if isinstance(model, VGG):
         return _vgg_prefixes(model), {("fc6",): 512}
-    if isinstance(model, ResNet) and not model.cifar and model.shortcut == "B":
+    if isinstance(model, ResNet) and not model.cifar:
+        if model.shortcut != "B":
+            raise WeightsError("torchvision's ResNets project their shortcuts (option B): build the model with "
+                               "shortcut='B' (--config.model.shortcut=B)")
         return _resnet_prefix, {}
     if isinstance(model, AlexNetTorchvision):
         return _alexnet_prefix, {("fc6",): 256}
@@ -103,7 +106,7 @@ def abstract_variables(model: nn.Module) -> dict:
 
 def layers(model: nn.Module, variables=None) -> list[Layer]:
     """Every parameterised layer of `model` with its state-dict prefix and kind."""
-    to_prefix, chw = _family(model)
+    to_prefix, chw = layout(model)
     params = (variables or abstract_variables(model))["params"]
     found = []
 
@@ -288,7 +291,7 @@ def _torch_load(path: pathlib.Path) -> dict:
 def load(path, model: nn.Module, *, replace: Iterable[str] = ()) -> dict:
     """Flax variables for `model` from a PyTorch-format weights file (strict; see `convert`).
     A model without a torchvision layout is refused before the file is read."""
-    _family(model)
+    layout(model)
     return convert(read_state_dict(path), model, replace=replace)[0]
 
 

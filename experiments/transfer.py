@@ -58,11 +58,13 @@ def _runs(config) -> list[tuple[str, int, dict]]:
     e = config.experiment
     steps = 3 if config.smoke else e.target_steps
     runs = [("pretrain", 0, dict(classes=tuple(e.source_classes), num_train_steps=3 if config.smoke else e.pretrain_steps))]
+    small = e.small_per_class * len(e.target_classes)
     for seed in range(1 if config.smoke else e.seeds):
         for name, (size, pretrained, changes) in VARIANTS.items():
             runs.append((name, seed, dict(classes=tuple(e.target_classes), num_train_steps=steps, seed=seed,
                                           train_per_class=e.small_per_class if size == "small" else 0,
-                                          **changes)))
+                                          batch_size=min(config.batch_size, small) if size == "small" else
+                                          config.batch_size, **changes)))
     return runs
 
 
@@ -124,11 +126,24 @@ def summarise(results: dict, config, root: pathlib.Path) -> dict:
                      f"{curves.mean(0)[0]:.1f}% | {np.mean(finals):.1%} ({np.min(finals):.1%}-{np.max(finals):.1%}) |")
     pre = summary["pretrain"]["final_top1_error_mean"]
     note = (f"Pretraining on digits {list(e.source_classes)}: validation top-1 error {pre:.1%}. Target: digits "
-            f"{list(e.target_classes)}, {len(results[next(iter(VARIANTS))])} seed(s), {config.model_name}.")
+            f"{list(e.target_classes)}, {len(results[next(iter(VARIANTS))])} seed(s), {config.model_name}. "
+            + " ".join(verdict(summary, size) for size in ("small", "full")))
     (root / "results.json").write_text(json.dumps({"config": config.to_dict(), "results": summary}, indent=1))
     (root / "results.md").write_text("\n".join([note, "", *table]) + "\n")
     viz.plot_curves(panels, root / "transfer.png", title=f"Transfer from digits 0-4 to 5-9 ({config.model_name})")
     return {"note": note, "table": table, "files": [str(root / n) for n in ("results.json", "results.md", "transfer.png")]}
+
+
+def verdict(summary: dict, size: str) -> str:
+    """Whether starting from the pretrained net beat training from scratch, first and last."""
+    scratch = summary[f"{size}, from scratch"]
+    best = min((v for v in summary if v.startswith(size) and "scratch" not in v),
+               key=lambda v: summary[v]["final_top1_error_mean"])
+    first = lambda v: np.mean([r["top1_error"][0] for r in summary[v]["runs"]])  # noqa: E731
+    final = summary[best]["final_top1_error_mean"], scratch["final_top1_error_mean"]
+    return (f"{size.capitalize()} target: the best transfer ({best.split(', ')[1]}) ends at {final[0]:.1%} against "
+            f"{final[1]:.1%} from scratch ({'ahead' if final[0] < final[1] else 'not ahead'}); at the first "
+            f"evaluation {first(best):.1%} against {first(f'{size}, from scratch'):.1%}.")
 
 
 def show(config, result: dict):
