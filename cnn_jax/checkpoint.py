@@ -146,6 +146,21 @@ class Checkpointer:
             self.manager.close()
 
 
+def newest_step(location) -> pathlib.Path:
+    """The newest checkpoint folder (holding `state/`) under a workdir, its checkpoints/, or
+    a checkpoints/<step> folder itself; FileNotFoundError if there is none."""
+    location = pathlib.Path(location)
+    if (location / "checkpoints").is_dir():
+        location = location / "checkpoints"
+    if (location / "state").is_dir():
+        return location
+    steps = sorted((p for p in location.iterdir() if p.name.isdigit() and (p / "state").is_dir()),
+                   key=lambda p: int(p.name)) if location.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {location}: pass a workdir or checkpoints/<step>")
+    return steps[-1]
+
+
 def restore_as_numpy(path) -> dict:
     """A saved state as NumPy arrays, whatever devices wrote it (a plain restore insists on the
     saving run's topology, e.g. 8 devices or two towers)."""

@@ -224,13 +224,7 @@ def check_transfer(config, model):
     if config.init_from and not os.path.exists(config.init_from):
         _fail("init_from", config.init_from, "no such file or folder: give a .pth, .pt or .safetensors file, or a "
                                              "run's workdir")
-    if config.init_from and os.path.isfile(config.init_from):
-        from cnn_jax import weights
-
-        try:
-            weights.layout(model)
-        except weights.WeightsError as err:
-            _fail("init_from", config.init_from, str(err))
+    check_start(config, model)
     try:
         re.compile(config.freeze)
     except re.error as err:
@@ -242,6 +236,51 @@ def check_transfer(config, model):
     if config.head_only and config.backbone_lr_scale != 1.0:
         _fail("backbone_lr_scale", config.backbone_lr_scale, "has no effect with --config.head_only=True (the "
                                                              "backbone is frozen): drop one of the two")
+    if config.freeze or config.head_only or config.backbone_lr_scale != 1.0:
+        check_freezing(config, model)
+
+
+def check_start(config, model):
+    """What `--config.init_from` names can start this model: a run with a checkpoint, or a
+    weights file for a model with a torchvision layout (and PyTorch to read a .pth)."""
+    import importlib.util
+
+    from cnn_jax import transfer, weights
+
+    source = config.init_from
+    if not source:
+        return
+    if os.path.isdir(source):
+        try:
+            transfer.checkpoint_of(source)
+        except transfer.TransferError as err:
+            raise ConfigError(str(err)) from None
+        return
+    try:
+        weights.layout(model)
+    except weights.WeightsError as err:
+        _fail("init_from", source, str(err))
+    if not source.endswith(".safetensors") and importlib.util.find_spec("torch") is None:
+        _fail("init_from", source, "reading a PyTorch file needs PyTorch: pip install 'cnn_jax[torch]', or "
+                                   "convert it to .safetensors")
+
+
+def check_freezing(config, model):
+    """The freeze and backbone patterns against the model's parameter paths (shapes only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnn_jax import transfer
+
+    x = jnp.zeros((1, config.input_size, config.input_size, config.channels), jnp.float32)
+    try:
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
+        transfer.describe_training(params, **transfer.patterns(model, freeze=config.freeze, head_only=config.head_only,
+                                                                backbone_lr_scale=config.backbone_lr_scale))
+    except transfer.TransferError as err:
+        raise ConfigError(f"--config.{'freeze' if config.freeze else 'head_only'}: {err}") from None
+    except ValueError:  # the input size does not fit the model: check_data's and the model's own errors say so
+        pass
 
 
 def class_count(config, available: int) -> int:

@@ -9,7 +9,6 @@ all of these without model-specific branches.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -34,13 +33,10 @@ from cnn_jax.data.sources import open_split
 from cnn_jax.models import get_model
 from cnn_jax.signals import RunStopped, StopSignals
 from cnn_jax.timing import StepClock
+from cnn_jax.train_log import NonFiniteLossError, TrainLog
 from cnn_jax.writers import MetricWriter
 
 __all__ = ["RunStopped", "NonFiniteLossError", "TrainState", "train_step", "eval_step", "train_and_evaluate"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message gives the step."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -249,13 +245,10 @@ class Run:
         self.writer = stack.enter_context(MetricWriter(workdir, enabled=self.process == 0))
 
     def start_from(self, source: str, state):
-        """`state` with the parameters and batch statistics of `source` (`transfer.initial_variables`)."""
-        host = self.runner.host_state(state)
-        start = transfer.initial_variables(source, self.model, {"params": host.params, "batch_stats": host.batch_stats},
-                                           new_head=self.config.new_head)
+        """The fresh (canonical) `state` with the weights of `source`, as `transfer.start_state` says."""
+        state, start = transfer.start_state(state, source, self.model, self.config.new_head)
         if self.process == 0:
             print(start.describe())
-        state = host.replace(params=start.variables["params"], batch_stats=start.variables.get("batch_stats", {}))
         return jax.device_put(state, self.runner.state_shardings)
 
     def evaluate(self, state, crops: str = "centre") -> dict:
@@ -280,57 +273,6 @@ class Run:
     def _newest(self) -> str:
         step = self.ckpt.latest_step()
         return f"{self.ckpt.directory}/{step}" if step is not None else "none (the run starts over)"
-
-
-class TrainLog:
-    """Per-step metrics kept on the device, brought to the host a window at a time.
-
-    A window closes at each log step but is read only once the device has finished its last
-    step (two steps later, when the loop's own bound on queued steps has passed it), so
-    logging never drains the queue of dispatched steps; evaluating, saving and stopping
-    read everything first. Reading is where NaN is caught.
-    """
-
-    def __init__(self, run: Run, clock: StepClock, bar):
-        self.run, self.clock, self.bar = run, clock, bar
-        self.window, self.closed, self.since = [], collections.deque(), time.perf_counter()
-
-    def add(self, stats: dict):
-        self.window.append(stats)
-
-    def close(self, step: int):
-        now = time.perf_counter()
-        if self.window:
-            self.closed.append((step, self.window, now - self.since))
-        self.window, self.since = [], now
-
-    def read(self, finished: int):
-        """Logs the closed windows whose last step is at most `finished`."""
-        while self.closed and self.closed[0][0] <= finished:
-            self._write(*self.closed.popleft())
-
-    def drain(self, step: int):
-        self.close(step)
-        self.read(step)
-
-    def restart(self):
-        """The time since the last window closed was the loop's own (evaluation): not counted."""
-        self.since = time.perf_counter()
-
-    def _write(self, step: int, window: list, seconds: float):
-        values = jax.device_get(window)
-        for offset, stats in enumerate(values):
-            if not np.isfinite(stats["loss"]):
-                failed = step - len(values) + offset + 1
-                raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
-                                         f"{self.run._newest()}: lower --config.learning_rate or check the data, "
-                                         "then rerun to resume from it")
-        means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-        means["data_wait"] = self.clock.take()
-        means["images_per_second"] = self.run.config.batch_size * len(values) / max(seconds, 1e-9)
-        self.run.writer.write(step, {f"train/{k}": v for k, v in means.items()})
-        self.bar.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{means['images_per_second']:.0f}",
-                             wait=f"{means['data_wait']:.0%}", refresh=False)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -370,9 +312,9 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         state = run.start_from(config.init_from, state)
     state = run.runner.place_state(state)
     if config.eval_only:
-        if resumed is None:
-            raise CheckpointError(f"--config.eval_only: no checkpoint in {run.ckpt.directory}; train first "
-                                  "or point --workdir at a run")
+        if resumed is None and not config.init_from:
+            raise CheckpointError(f"--config.eval_only: no checkpoint in {run.ckpt.directory}; train first, "
+                                  "point --workdir at a run, or give weights with --config.init_from")
         host = run.runner.host_state(state)
         return {"step": step, **run.evaluate(host),
                 **{f"ten_crop_{k}": v for k, v in run.evaluate(host, "ten").items()}}

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from cnn_jax import weights
-from cnn_jax.checkpoint import _key, restore_as_numpy
+from cnn_jax.checkpoint import newest_step, restore_as_numpy, shapes
 
 
 class TransferError(ValueError):
@@ -29,8 +29,13 @@ class TransferError(ValueError):
 
 
 def head_of(model) -> tuple[str, ...]:
-    """The model's head: parameter-path prefixes of the layers that follow `num_classes`."""
+    """The model's head: the module paths of the layers that follow `num_classes`."""
     return tuple(getattr(type(model), "head", ()))
+
+
+def in_head(path: str, head) -> bool:
+    """Whether parameter path 'fc8/kernel' lies in one of the `head` layers."""
+    return any(path == h or path.startswith(h + "/") for h in head)
 
 
 def all_but_head(model) -> str:
@@ -41,10 +46,39 @@ def all_but_head(model) -> str:
     return r"^(?!(?:" + "|".join(re.escape(h) for h in head) + r")/)"
 
 
-def paths(tree) -> dict[str, tuple]:
-    """{'conv1/kernel': shape, ...} of a variable collection."""
-    return {"/".join(_key(k) for k in path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def patterns(model, *, freeze: str = "", head_only: bool = False, backbone_lr_scale: float = 1.0) -> dict:
+    """`optim.make_optimizer`'s `frozen`, `slow` and `slow_lr_scale` for these settings:
+    `head_only` freezes all but the head; `backbone_lr_scale` != 1 slows all but the head."""
+    frozen = "|".join(f"(?:{p})" for p in (freeze, all_but_head(model) if head_only else "") if p)
+    slow = all_but_head(model) if backbone_lr_scale != 1.0 else ""
+    return {"frozen": frozen, "slow": slow, "slow_lr_scale": backbone_lr_scale}
+
+
+def describe_training(params, frozen: str, slow: str = "", slow_lr_scale: float = 1.0) -> str:
+    """'frozen: 14 of 16 parameter arrays (58,000,000 of 62,000,000 values) in 7 layer(s):
+    conv1, ...' and the same for the slowed ones. `TransferError` for a pattern that matches
+    nothing (a typo would freeze nothing) and for one that leaves nothing to train."""
+    from cnn_jax import optim
+
+    labels = jax.tree.leaves(optim.parameter_labels(frozen, slow)(params))
+    sizes = [int(np.prod(np.shape(p))) for p in jax.tree.leaves(params)]
+    names = list(shapes(params))
+    lines = []
+    for label, pattern, what in (("frozen", frozen, "frozen"), ("slow", slow, f"at {slow_lr_scale:g} x the rate")):
+        if not pattern:
+            continue
+        hit = [i for i, lab in enumerate(labels) if lab == label]
+        if not hit:
+            raise TransferError(f"the pattern {pattern!r} matches no parameter; paths look like "
+                                f"{', '.join(names[:3])}")
+        layers = sorted({_layer(names[i]) for i in hit})
+        lines.append(f"{what}: {len(hit)} of {len(labels)} parameter arrays ({sum(sizes[i] for i in hit):,} of "
+                     f"{sum(sizes):,} values) in {len(layers)} layer(s): {', '.join(layers[:6])}"
+                     f"{', ...' if len(layers) > 6 else ''}")
+    if labels and all(lab == "frozen" for lab in labels):
+        raise TransferError("every parameter is frozen (the head has none, or the pattern covers it): nothing "
+                            "would train; freeze less")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass
@@ -72,24 +106,20 @@ def merge(fresh: dict, loaded: dict, head: tuple[str, ...], source: str, new_hea
     """`fresh` with every leaf taken from `loaded`, except head layers that `loaded` lacks or
     holds in another shape (or all of them, `new_head`: other classes, as many of them).
     Any other difference is a `TransferError` naming the parameter."""
-    in_head = lambda p: any(p.startswith(h + "/") for h in head)  # noqa: E731
     out, took, replaced = {}, set(), set()
     for collection, tree in fresh.items():
-        have = paths(loaded.get(collection, {}))
-        want = paths(tree)
-        extra = sorted(p for p in have if p not in want and not in_head(p))
+        have, want = shapes(loaded.get(collection, {})), shapes(tree)
+        extra = sorted(p for p in have if p not in want and not in_head(p, head))
         if extra:
             raise TransferError(f"{source} has {collection} this model lacks: {', '.join(extra[:3])}"
                                 f"{' ...' if len(extra) > 3 else ''} ({len(extra)}); is it for another network?")
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        flat, treedef = jax.tree_util.tree_flatten(tree)
         leaves = []
-        for keys, leaf in flat:
-            path = "/".join(_key(k) for k in keys)
-            if path in have and have[path] == want[path] and not (new_head and in_head(path)):
-                value = _subtree(loaded[collection], path.split("/"))
-                leaves.append(np.asarray(value, np.asarray(leaf).dtype))
+        for path, leaf in zip(want, flat):
+            if path in have and have[path] == want[path] and not (new_head and in_head(path, head)):
+                leaves.append(np.asarray(weights.subtree(loaded[collection], path.split("/")), np.asarray(leaf).dtype))
                 took.add(_layer(path))
-            elif in_head(path):
+            elif in_head(path, head):
                 leaves.append(leaf)
                 replaced.add(_layer(path))
             elif path in have:
@@ -101,23 +131,24 @@ def merge(fresh: dict, loaded: dict, head: tuple[str, ...], source: str, new_hea
     return Start(out, source, sorted(took - replaced), sorted(replaced))
 
 
-def _subtree(tree, keys):
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
-def workdir_variables(location: pathlib.Path) -> tuple[dict, str]:
-    """({'params', 'batch_stats'} of the newest checkpoint of a run, its path)."""
-    folder = location / "checkpoints" if (location / "checkpoints").is_dir() else location
-    steps = sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    if (folder / "state").is_dir():
-        steps = [folder]
-    if not steps:
+def checkpoint_of(location) -> pathlib.Path:
+    """The newest checkpoint of a run's workdir (or checkpoints/, or checkpoints/<step>)."""
+    try:
+        return newest_step(location)
+    except FileNotFoundError:
         raise TransferError(f"--config.init_from={location}: no checkpoint there; give a run's workdir, its "
-                            "checkpoints/<step>, or a weights file")
-    state = restore_as_numpy((steps[-1] / "state").absolute())
-    return {c: state[c] for c in ("params", "batch_stats") if state.get(c)}, str(steps[-1])
+                            "checkpoints/<step>, or a weights file") from None
+
+
+def workdir_variables(location) -> tuple[dict, str]:
+    """({'params', 'batch_stats'} of the newest checkpoint of a run, its path)."""
+    step = checkpoint_of(location)
+    try:
+        state = restore_as_numpy((step / "state").absolute())
+    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds on damage
+        raise TransferError(f"--config.init_from={location}: cannot read {step} ({type(err).__name__}); it may be "
+                            "damaged: point at another step, checkpoints/<step>") from None
+    return {c: state[c] for c in ("params", "batch_stats") if state.get(c)}, str(step)
 
 
 def initial_variables(source, model, fresh: dict, new_head: bool = False) -> Start:
@@ -137,32 +168,10 @@ def initial_variables(source, model, fresh: dict, new_head: bool = False) -> Sta
     return merge(fresh, loaded, head_of(model), name, new_head)
 
 
-def patterns(model, *, freeze: str = "", head_only: bool = False, backbone_lr_scale: float = 1.0) -> dict:
-    """`optim.make_optimizer`'s `frozen`, `slow` and `slow_lr_scale` for these settings:
-    `head_only` freezes all but the head; `backbone_lr_scale` != 1 slows all but the head."""
-    frozen = "|".join(f"(?:{p})" for p in (freeze, all_but_head(model) if head_only else "") if p)
-    slow = all_but_head(model) if backbone_lr_scale != 1.0 else ""
-    return {"frozen": frozen, "slow": slow, "slow_lr_scale": backbone_lr_scale}
-
-
-def describe_training(params, frozen: str, slow: str = "", slow_lr_scale: float = 1.0) -> str:
-    """'frozen: 10 of 16 parameter arrays (61,000 of 62,000 values): conv1, conv2, ...' and the
-    slowed ones; a pattern that matches nothing is a `TransferError` (a typo would freeze nothing)."""
-    from cnn_jax import optim
-
-    labels = jax.tree.leaves(optim.parameter_labels(frozen, slow)(params))
-    sizes = [int(np.prod(np.shape(p))) for p in jax.tree.leaves(params)]
-    names = list(paths(params))
-    lines = []
-    for label, pattern, what in (("frozen", frozen, "frozen"), ("slow", slow, f"at {slow_lr_scale:g} x the rate")):
-        if not pattern:
-            continue
-        hit = [i for i, lab in enumerate(labels) if lab == label]
-        if not hit:
-            raise TransferError(f"the pattern {pattern!r} matches no parameter; paths look like "
-                                f"{', '.join(names[:3])}")
-        layers = sorted({_layer(names[i]) for i in hit})
-        lines.append(f"{what}: {len(hit)} of {len(labels)} parameter arrays ({sum(sizes[i] for i in hit):,} of "
-                     f"{sum(sizes):,} values) in {len(layers)} layer(s): {', '.join(layers[:6])}"
-                     f"{', ...' if len(layers) > 6 else ''}")
-    return "\n".join(lines)
+def start_state(state, source, model, new_head: bool = False):
+    """A fresh train state (canonical layout, any devices) with the parameters and batch
+    statistics of `source`, and what happened to them."""
+    host = jax.device_get(state)
+    start = initial_variables(source, model, {"params": host.params, "batch_stats": host.batch_stats}, new_head)
+    return host.replace(params=start.variables["params"],
+                        batch_stats=start.variables.get("batch_stats", host.batch_stats)), start

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from cnn_jax.checkpoint import restore_as_numpy
+from cnn_jax.checkpoint import newest_step, restore_as_numpy
 
 
 def kernel_tiles(kernels: np.ndarray) -> np.ndarray:
@@ -88,13 +88,8 @@ def plot_curves(panels: dict, path, *, title: str, xlabel: str = "training steps
 
 
 def _checkpoint_params(location: pathlib.Path):
-    if (location / "checkpoints").is_dir():
-        location = location / "checkpoints"
-    steps = sorted((p for p in location.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) \
-        if not (location / "state").is_dir() else [location]
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint under {location}: pass a workdir or checkpoints/<step>")
-    return restore_as_numpy((steps[-1] / "state").absolute())["params"], steps[-1]
+    step = newest_step(location)
+    return restore_as_numpy((step / "state").absolute())["params"], step
 
 
 def main(argv=None) -> int:

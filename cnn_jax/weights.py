@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.files import replaced_atomically
+
 
 class WeightsError(ValueError):
     """A weights file that cannot be read into the model; the message says why in one line."""
@@ -168,7 +170,7 @@ def to_torch(layer: Layer, leaves: dict[str, dict[str, np.ndarray]]) -> dict[str
     return out
 
 
-def _subtree(tree, path):
+def subtree(tree, path):
     for name in path:
         tree = tree[name]
     return tree
@@ -184,7 +186,7 @@ def _expected(model, abstract) -> dict[str, tuple[Layer, tuple]]:
     """{state-dict key: (layer, the PyTorch shape the model needs)}."""
     expected = {}
     for layer in layers(model, abstract):
-        leaves = {c: _subtree(abstract[c], layer.path) for c in ("params", "batch_stats")
+        leaves = {c: subtree(abstract[c], layer.path) for c in ("params", "batch_stats")
                   if c in abstract and (c == "params" or layer.kind == "bn")}
         dummy = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), leaves)
         for key, value in to_torch(layer, dummy).items():
@@ -206,7 +208,8 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
     """
     abstract = abstract_variables(model)
     expected = _expected(model, abstract)
-    replaceable = lambda layer: any("/".join(layer.path).startswith(r) for r in replace)  # noqa: E731
+    replaceable = lambda layer: any("/".join(layer.path) in (r,) or "/".join(layer.path).startswith(r + "/")  # noqa: E731
+                                    for r in replace)
     ignored = {k for k in state if k.endswith(".num_batches_tracked")}
     missing = [k for k, (layer, _) in expected.items() if k not in state and not k.endswith(".num_batches_tracked")
                and not replaceable(layer)]
@@ -214,8 +217,10 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
     if missing or unexpected:
         parts = [_listed(missing, "missing")] if missing else []
         parts += [_listed(unexpected, "unexpected")] if unexpected else []
-        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); is this "
-                           "file for another network?")
+        aux = unexpected and all(k.startswith(("aux1.", "aux2.")) for k in unexpected)
+        hint = ("the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
+                if aux else "is this file for another network?")
+        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}")
     replaced = []
     for key, (layer, shape) in expected.items():
         if key.endswith(".num_batches_tracked"):
@@ -247,15 +252,15 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors.flax import load_file  # JAX arrays: bfloat16 files too, which NumPy cannot hold
 
         try:
             state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, TypeError) as err:
             raise WeightsError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
     else:
         state = _torch_load(path)
-    return {k: np.asarray(v, np.float32) if np.asarray(v).dtype != np.int64 else np.asarray(v)
+    return {k: np.asarray(jnp.asarray(v, jnp.float32)) if jnp.issubdtype(v.dtype, jnp.floating) else np.asarray(v)
             for k, v in state.items()}
 
 
@@ -301,7 +306,7 @@ def export(variables, model: nn.Module) -> dict[str, np.ndarray]:
     variables = jax.device_get(variables)
     state = {}
     for layer in layers(model, variables):
-        leaves = {c: _subtree(variables[c], layer.path) for c in ("params", "batch_stats")
+        leaves = {c: subtree(variables[c], layer.path) for c in ("params", "batch_stats")
                   if c in variables and (c == "params" or layer.kind == "bn")}
         state.update(to_torch(layer, jax.tree.map(np.asarray, leaves)))
     return state
@@ -315,12 +320,14 @@ def save(variables, model: nn.Module, path) -> pathlib.Path:
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        save_file(state, str(path))
-        return path
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError(f"writing {path.name} needs PyTorch: pip install 'cnn_jax[torch]', or save as "
-                           ".safetensors") from None
-    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+        write = lambda tmp: save_file(state, str(tmp))  # noqa: E731
+    else:
+        try:
+            import torch
+        except ImportError:
+            raise WeightsError(f"writing {path.name} needs PyTorch: pip install 'cnn_jax[torch]', or save as "
+                               ".safetensors") from None
+        write = lambda tmp: torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp)  # noqa: E731
+    with replaced_atomically(path) as tmp:  # an existing file stays whole until the new one is
+        write(tmp)
     return path

@@ -31,7 +31,7 @@ TRAINING_KEYS = frozenset({
     "model_name", "dataset", "train_split", "input_size", "resize_size", "channels", "store_format",
     "flip", "pca_noise", "optimizer", "learning_rate", "momentum", "weight_decay", "decay_mask", "schedule",
     "lr_drop_factor", "plateau_patience", "plateau_max_drops", "step_boundaries", "warmup_steps",
-    "aux_weight", "batch_size", "seed"})
+    "aux_weight", "batch_size", "seed", "classes", "train_per_class", "freeze", "head_only", "backbone_lr_scale"})
 LENGTH_KEYS = frozenset({"num_epochs", "num_train_steps"})
 LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's length
 NOT_RECORDED = frozenset({"allow_config_change"})  # how to resume, not what was trained

@@ -30,7 +30,8 @@ USER_ERRORS = (ConfigError, WorkdirError, DatasetError, StoreError, TransferErro
 
 
 def base_config() -> config_dict.ConfigDict:
-    """Every key an experiment may set; experiments override values, never add keys."""
+    """Every key a run reads; experiments override values. An experiment of many runs keeps
+    its own settings under one key of its own (`experiment`)."""
     c = config_dict.ConfigDict()
     c.model_name = "alexnet"  # any name of cnn_jax.list_models()
     c.model = config_dict.ConfigDict(dict(dtype="float32"))  # the model's fields; set per experiment

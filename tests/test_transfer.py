@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import optim, transfer
+from cnn_jax import optim, train, transfer
 from cnn_jax.models import get_model
 from experiments import _run
 from experiments import transfer as transfer_experiment
@@ -72,8 +72,12 @@ def test_a_new_head_is_fresh_and_the_backbone_is_loaded():
     chex.assert_trees_all_equal(start.variables["params"]["C3"], source["C3"])
     chex.assert_trees_all_equal(start.variables["params"]["output"], fresh["params"]["output"])
     assert (start.loaded, start.replaced) == (["C1", "C3", "C5", "F6"], ["output"])
-    same = transfer.merge({"params": source}, {"params": source}, ("output",), "run A", new_head=True)
+    other = get_model("lenet5_modern", num_classes=5).init(jax.random.key(7), jnp.zeros((1, 32, 32, 1)), train=False)
+    same = transfer.merge(other, {"params": source}, ("output",), "run A", new_head=True)
     assert same.replaced == ["output"]  # same class count, other classes: still a fresh head
+    chex.assert_trees_all_equal(same.variables["params"]["output"], other["params"]["output"])
+    chex.assert_trees_all_equal(same.variables["params"]["F6"], source["F6"])
+    assert not np.array_equal(other["params"]["output"]["kernel"], source["output"]["kernel"])
 
 
 def test_a_backbone_that_does_not_fit_is_an_error_naming_the_parameter():
@@ -115,7 +119,12 @@ def test_head_only_run_from_another_run_keeps_its_backbone_bit_for_bit(data_dir,
     before, after = _restored(source, 2), _restored(target, 2)
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
         chex.assert_trees_all_equal(after[layer], before[layer])
-    assert not np.array_equal(after["fc8"]["kernel"], before["fc8"]["kernel"])
+    fresh = train.create_train_state(jax.random.fold_in(jax.random.key(config.seed), 0),
+                                     get_model("alexnet", num_classes=5, **config.model.to_dict()),
+                                     optax.identity(), (67, 67, 3)).params["fc8"]
+    for name in ("kernel", "bias"):  # the new head started from the run's own initialisation and moved
+        assert not np.array_equal(after["fc8"][name], fresh[name]) and not np.array_equal(after["fc8"][name],
+                                                                                            before["fc8"][name])
     assert 0.0 <= result["top1_error"] <= 1.0
 
 

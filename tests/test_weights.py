@@ -171,3 +171,34 @@ def test_safetensors_load_without_pytorch(resnet18_state, tmp_path, monkeypatch)
     variables = weights.load(tmp_path / "w.safetensors", get_model("resnet18"))
     np.testing.assert_array_equal(variables["params"]["fc"]["bias"], resnet18_state["fc.bias"])
     assert "needs PyTorch: pip install 'cnn_jax[torch]'" in _error(tmp_path / "w.pth", get_model("resnet18"))
+
+
+def test_googlenet_auxiliary_head_equals_torchvisions():
+    """Its 4x4 adaptive pool and the (C, H, W) flattening into fc1, which eval-mode logits skip."""
+    from cnn_jax.models.torchvision import AuxTorchvision
+
+    net = tv.randomise(tv.InceptionAux(512, 10))
+    state = _state(net)
+    variables = {}
+    for layer in (weights.Layer(("conv", "conv"), "conv.conv", "conv"), weights.Layer(("conv", "bn"), "conv.bn", "bn"),
+                  weights.Layer(("fc1",), "fc1", "dense_chw", 128), weights.Layer(("fc2",), "fc2", "dense")):
+        for collection, leaves in weights.to_flax(layer, state).items():
+            tree = variables.setdefault(collection, {})
+            for name in layer.path:
+                tree = tree.setdefault(name, {})
+            tree.update(leaves)
+    x = np.random.default_rng(3).normal(size=(2, 14, 14, 512)).astype(np.float32)
+    ours = AuxTorchvision(10).apply(variables, jnp.asarray(x), train=False)
+    chex.assert_trees_all_close(np.asarray(ours), _torch_logits(net, x), rtol=1e-4, atol=1e-4)
+
+
+def test_googlenet_transform_input_is_torchvisions_formula():
+    """x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5 with ImageNet's mean and deviation."""
+    model = get_model("googlenet_torchvision", num_classes=4, aux_heads=False)
+    x = np.random.default_rng(4).normal(size=(1, 224, 224, 3)).astype(np.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+    by_hand = np.stack([x[..., c] * (s / 0.5) + (m - 0.5) / 0.5 for c, (m, s) in
+                        enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))], axis=-1)
+    transformed = get_model("googlenet_torchvision", num_classes=4, aux_heads=False, transform_input=True)
+    chex.assert_trees_all_close(_logits(transformed, variables, x), _logits(model, variables, by_hand),
+                                rtol=1e-5, atol=1e-5)

@@ -229,7 +229,7 @@ class Subset:
         classes = [int(c) for c in classes]
         picked = [np.flatnonzero(base.labels == c) for c in classes]
         self.rows = np.sort(np.concatenate([rows[:per_class] if per_class else rows for rows in picked]))
-        new_label = np.full(int(base.labels.max()) + 1, -1, np.int64)
+        new_label = np.full(max(int(base.labels.max()), *classes) + 1, -1, np.int64)
         new_label[classes] = np.arange(len(classes))
         self.base, self.spec, self.directory = base, base.spec, base.directory
         self.labels = new_label[base.labels[self.rows]].astype(base.labels.dtype)

@@ -21,6 +21,7 @@ import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool
 from cnn_jax.models import register
+from cnn_jax.models.googlenet import MODULES
 
 
 def adaptive_avg_pool(x, size: int):
@@ -136,12 +137,8 @@ class AuxTorchvision(nn.Module):
         return nn.Dense(self.num_classes, name="fc2", **kw)(x).astype(jnp.float32)
 
 
-# torchvision's widths are the paper's table 1 (its "5x5" column holds 3x3 kernels here).
-_MODULES = {"3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
-            "4a": (192, 96, 208, 16, 48, 64), "4b": (160, 112, 224, 24, 64, 64),
-            "4c": (128, 128, 256, 24, 64, 64), "4d": (112, 144, 288, 32, 64, 64),
-            "4e": (256, 160, 320, 32, 128, 128), "5a": (256, 160, 320, 32, 128, 128),
-            "5b": (384, 192, 384, 48, 128, 128)}
+# torchvision's widths are the paper's table 1, `googlenet.MODULES` (its "5x5" column holds
+# 3x3 kernels here).
 _POOL_BEFORE = {"4a": ("maxpool3", 3), "5a": ("maxpool4", 2)}
 _AUX_AFTER = {"4a": "aux1", "4d": "aux2"}
 # `transform_input`: torchvision's pretrained GoogLeNet takes images normalised with the
@@ -176,7 +173,7 @@ class GoogLeNetTorchvision(nn.Module):
         x = CeilMaxPool(3, 2, name="maxpool2")(x)
         aux = []
         heads = self.aux_heads and (train or self.is_initializing())
-        for name, widths in _MODULES.items():
+        for name, widths in MODULES.items():
             if name in _POOL_BEFORE:
                 pool, window = _POOL_BEFORE[name]
                 x = CeilMaxPool(window, 2, name=pool)(x)
