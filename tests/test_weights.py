@@ -195,7 +195,7 @@ def test_googlenet_auxiliary_head_equals_torchvisions():
 def test_googlenet_transform_input_is_torchvisions_formula():
     """x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5 with ImageNet's mean and deviation."""
     model = get_model("googlenet_torchvision", num_classes=4, aux_heads=False)
-    x = np.random.default_rng(4).normal(size=(1, 224, 224, 3)).astype(np.float32)
+    x = np.random.default_rng(4).normal(size=(1, 64, 64, 3)).astype(np.float32)  # any size: ceil pooling
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
     by_hand = np.stack([x[..., c] * (s / 0.5) + (m - 0.5) / 0.5 for c, (m, s) in
                         enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))], axis=-1)
