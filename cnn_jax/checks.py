@@ -275,8 +275,7 @@ def check_freezing(config, model):
     x = jnp.zeros((1, config.input_size, config.input_size, config.channels), jnp.float32)
     try:
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
-        transfer.describe_training(params, **transfer.patterns(model, freeze=config.freeze, head_only=config.head_only,
-                                                                backbone_lr_scale=config.backbone_lr_scale))
+        transfer.describe_training(params, **transfer.patterns(model, config))
     except transfer.TransferError as err:
         raise ConfigError(f"--config.{'freeze' if config.freeze else 'head_only'}: {err}") from None
     except ValueError:  # the input size does not fit the model: check_data's and the model's own errors say so

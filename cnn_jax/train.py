@@ -149,12 +149,7 @@ def _make_optimizer(config, total_steps: int, model):
                                    warmup_steps=config.warmup_steps)
     return optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
                                 weight_decay=config.weight_decay, decay=config.decay_mask,
-                                **_freezing(config, model))
-
-
-def _freezing(config, model) -> dict:
-    return transfer.patterns(model, freeze=config.freeze, head_only=config.head_only,
-                             backbone_lr_scale=config.backbone_lr_scale)
+                                **transfer.patterns(model, config))
 
 
 def _after_eval(state: TrainState, error: float, config) -> TrainState:
@@ -230,7 +225,7 @@ class Run:
                                    _make_optimizer(config, self.total_steps, model),
                                    (config.input_size, config.input_size, config.channels))
         if config.freeze or config.head_only or config.backbone_lr_scale != 1.0:
-            described = transfer.describe_training(state.params, **_freezing(config, model))
+            described = transfer.describe_training(state.params, **transfer.patterns(model, config))
             if self.process == 0:
                 print(described)
         state = state.replace(apply_fn=parallel.apply_fn(model, self.mesh))

@@ -33,11 +33,6 @@ def head_of(model) -> tuple[str, ...]:
     return tuple(getattr(type(model), "head", ()))
 
 
-def in_head(path: str, head) -> bool:
-    """Whether parameter path 'fc8/kernel' lies in one of the `head` layers."""
-    return any(path == h or path.startswith(h + "/") for h in head)
-
-
 def all_but_head(model) -> str:
     """A regular expression for every parameter path outside the model's head."""
     head = head_of(model)
@@ -46,12 +41,12 @@ def all_but_head(model) -> str:
     return r"^(?!(?:" + "|".join(re.escape(h) for h in head) + r")/)"
 
 
-def patterns(model, *, freeze: str = "", head_only: bool = False, backbone_lr_scale: float = 1.0) -> dict:
-    """`optim.make_optimizer`'s `frozen`, `slow` and `slow_lr_scale` for these settings:
-    `head_only` freezes all but the head; `backbone_lr_scale` != 1 slows all but the head."""
-    frozen = "|".join(f"(?:{p})" for p in (freeze, all_but_head(model) if head_only else "") if p)
-    slow = all_but_head(model) if backbone_lr_scale != 1.0 else ""
-    return {"frozen": frozen, "slow": slow, "slow_lr_scale": backbone_lr_scale}
+def patterns(model, config) -> dict:
+    """`optim.make_optimizer`'s `frozen`, `slow` and `slow_lr_scale` for a run's `freeze`,
+    `head_only` (freeze all but the head) and `backbone_lr_scale` (!= 1: slow all but the head)."""
+    frozen = "|".join(f"(?:{p})" for p in (config.freeze, all_but_head(model) if config.head_only else "") if p)
+    slow = all_but_head(model) if config.backbone_lr_scale != 1.0 else ""
+    return {"frozen": frozen, "slow": slow, "slow_lr_scale": config.backbone_lr_scale}
 
 
 def describe_training(params, frozen: str, slow: str = "", slow_lr_scale: float = 1.0) -> str:
@@ -109,17 +104,17 @@ def merge(fresh: dict, loaded: dict, head: tuple[str, ...], source: str, new_hea
     out, took, replaced = {}, set(), set()
     for collection, tree in fresh.items():
         have, want = shapes(loaded.get(collection, {})), shapes(tree)
-        extra = sorted(p for p in have if p not in want and not in_head(p, head))
+        extra = sorted(p for p in have if p not in want and not weights.under(p, head))
         if extra:
             raise TransferError(f"{source} has {collection} this model lacks: {', '.join(extra[:3])}"
                                 f"{' ...' if len(extra) > 3 else ''} ({len(extra)}); is it for another network?")
         flat, treedef = jax.tree_util.tree_flatten(tree)
         leaves = []
         for path, leaf in zip(want, flat):
-            if path in have and have[path] == want[path] and not (new_head and in_head(path, head)):
+            if path in have and have[path] == want[path] and not (new_head and weights.under(path, head)):
                 leaves.append(np.asarray(weights.subtree(loaded[collection], path.split("/")), np.asarray(leaf).dtype))
                 took.add(_layer(path))
-            elif in_head(path, head):
+            elif weights.under(path, head):
                 leaves.append(leaf)
                 replaced.add(_layer(path))
             elif path in have:

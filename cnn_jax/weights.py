@@ -176,6 +176,17 @@ def subtree(tree, path):
     return tree
 
 
+def under(path: str, layers: Iterable[str]) -> bool:
+    """Whether module or parameter path 'aux1/fc2/kernel' is one of `layers` or inside one."""
+    return any(path == layer or path.startswith(layer + "/") for layer in layers)
+
+
+def _leaves(variables, layer: Layer) -> dict:
+    """The layer's own {'params': ..., 'batch_stats': ...} (statistics for batch norm only)."""
+    return {c: subtree(variables[c], layer.path) for c in ("params", "batch_stats")
+            if c in variables and (c == "params" or layer.kind == "bn")}
+
+
 def _assign(tree: dict, path: tuple, leaves: dict):
     for name in path:
         tree = tree.setdefault(name, {})
@@ -183,14 +194,19 @@ def _assign(tree: dict, path: tuple, leaves: dict):
 
 
 def _expected(model, abstract) -> dict[str, tuple[Layer, tuple]]:
-    """{state-dict key: (layer, the PyTorch shape the model needs)}."""
+    """{state-dict key: (layer, the PyTorch shape the model needs)}, by tracing `to_torch` on
+    shapes (nothing is allocated: VGG's fc6 alone would be 400 MB of zeros)."""
     expected = {}
     for layer in layers(model, abstract):
-        leaves = {c: subtree(abstract[c], layer.path) for c in ("params", "batch_stats")
-                  if c in abstract and (c == "params" or layer.kind == "bn")}
-        dummy = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), leaves)
-        for key, value in to_torch(layer, dummy).items():
-            expected[key] = (layer, value.shape)
+        keys = []  # in `to_torch`'s order (a dict out of `eval_shape` comes back sorted)
+
+        def values(leaves, layer=layer, keys=keys):
+            tensors = to_torch(layer, leaves)
+            keys[:] = list(tensors)
+            return list(tensors.values())
+
+        shapes = jax.eval_shape(values, _leaves(abstract, layer))
+        expected.update((key, (layer, tuple(value.shape))) for key, value in zip(keys, shapes))
     return expected
 
 
@@ -199,17 +215,16 @@ def _listed(keys: list[str], what: str) -> str:
     return f"{len(keys)} {what} ({shown})"
 
 
-def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Iterable[str] = ()) -> tuple[dict, list[str]]:
-    """(Flax variables, the layers left as initialised) from a state dict of NumPy arrays.
+def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Iterable[str] = ()) -> dict:
+    """Flax variables from a state dict of NumPy arrays.
 
-    Strict: missing and unexpected keys and shape mismatches are `WeightsError`s. Layers whose
-    Flax path starts with one of `replace` (e.g. the model's `head` for a new class count) may
-    be missing or of another shape; they keep freshly initialised values, and are returned.
+    Strict: missing and unexpected keys and shape mismatches are `WeightsError`s. Layers in
+    `replace` (e.g. the model's `head` for a new class count) may be missing or of another
+    shape; they are left out, for the caller to initialise (`transfer.merge`).
     """
     abstract = abstract_variables(model)
     expected = _expected(model, abstract)
-    replaceable = lambda layer: any("/".join(layer.path) in (r,) or "/".join(layer.path).startswith(r + "/")  # noqa: E731
-                                    for r in replace)
+    replaceable = lambda layer: under("/".join(layer.path), replace)  # noqa: E731
     ignored = {k for k in state if k.endswith(".num_batches_tracked")}
     missing = [k for k, (layer, _) in expected.items() if k not in state and not k.endswith(".num_batches_tracked")
                and not replaceable(layer)]
@@ -221,25 +236,23 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
         hint = ("the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
                 if aux else "is this file for another network?")
         raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}")
-    replaced = []
+    replaced = set()
     for key, (layer, shape) in expected.items():
         if key.endswith(".num_batches_tracked"):
             continue
         if key not in state or tuple(state[key].shape) != tuple(shape):
             if replaceable(layer):
-                replaced.append("/".join(layer.path))
+                replaced.add(layer)
                 continue
             raise WeightsError(f"parameter {key} (layer {'/'.join(layer.path)} here) has shape {tuple(state[key].shape)} in "
                                f"the file but {type(model).__name__} needs {tuple(shape)}: build the model with the "
                                "file's sizes (e.g. its num_classes)")
     variables = {}
-    for layer in {layer for layer, _ in expected.values()}:
-        if "/".join(layer.path) in replaced:
-            continue
+    for layer in {layer for layer, _ in expected.values()} - replaced:
         for collection, leaves in to_flax(layer, state).items():
             _assign(variables.setdefault(collection, {}), layer.path, {k: np.asarray(v, np.float32)
                                                                        for k, v in leaves.items()})
-    return variables, sorted(set(replaced))
+    return variables
 
 
 # ---- files ---------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def load(path, model: nn.Module, *, replace: Iterable[str] = ()) -> dict:
     """Flax variables for `model` from a PyTorch-format weights file (strict; see `convert`).
     A model without a torchvision layout is refused before the file is read."""
     layout(model)
-    return convert(read_state_dict(path), model, replace=replace)[0]
+    return convert(read_state_dict(path), model, replace=replace)
 
 
 def export(variables, model: nn.Module) -> dict[str, np.ndarray]:
@@ -306,9 +319,7 @@ def export(variables, model: nn.Module) -> dict[str, np.ndarray]:
     variables = jax.device_get(variables)
     state = {}
     for layer in layers(model, variables):
-        leaves = {c: subtree(variables[c], layer.path) for c in ("params", "batch_stats")
-                  if c in variables and (c == "params" or layer.kind == "bn")}
-        state.update(to_torch(layer, jax.tree.map(np.asarray, leaves)))
+        state.update(to_torch(layer, jax.tree.map(np.asarray, _leaves(variables, layer))))
     return state
 
 
