@@ -6,8 +6,14 @@ from __future__ import annotations
 import collections
 import time
 
+import typing
+
 import jax
 import numpy as np
+
+if typing.TYPE_CHECKING:  # annotations only: train imports this module
+    from cnn_jax.timing import StepClock
+    from cnn_jax.train import Run
 
 
 class NonFiniteLossError(RuntimeError):
