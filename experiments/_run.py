@@ -97,7 +97,7 @@ def describe(c) -> str:
 def smoke(config: config_dict.ConfigDict, given=frozenset()) -> config_dict.ConfigDict:
     """A seconds-long version of `config` for tests and quick checks: few steps, small eval.
     Keys in `given` (set on the command line) keep the user's values."""
-    values = {"num_train_steps": config.num_train_steps or 3, "batch_size": min(config.batch_size, 8),
+    values = {"num_train_steps": 3, "batch_size": min(config.batch_size, 8),
               "eval_limit": 32, "eval_every_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 3}
     with config.unlocked():
         for key, value in values.items():

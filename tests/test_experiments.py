@@ -54,6 +54,7 @@ def test_bad_flags_give_one_line_errors(data_dir, tmp_path, flag, needle):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
     proc = subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY,
@@ -75,10 +76,9 @@ def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
     assert f"finished at step {steps[-1] + 1}" in again.stdout
 
 
-@pytest.mark.parametrize("args", [["--config.parallel=pmap"],
-                                  ["--config.model_name=alexnet_2tower", "--config.mesh=(4, 2)",
-                                   "--config.model.init_scheme=lecun"]],
-                         ids=["pmap", "two_towers"])
+@pytest.mark.parametrize("args", [pytest.param(["--config.parallel=pmap"], marks=pytest.mark.slow, id="pmap"),
+                                  pytest.param(["--config.model_name=alexnet_2tower", "--config.mesh=(4, 2)",
+                                                "--config.model.init_scheme=lecun"], id="two_towers")])
 def test_parallel_modes_train_from_the_cli_on_8_devices(data_dir, tmp_path, args):
     assert "device_count=8" in os.environ.get("XLA_FLAGS", "")
     proc = run_cli([*TINY, *args, f"--workdir={tmp_path}"], data_dir)
@@ -92,6 +92,7 @@ def test_parallel_modes_train_from_the_cli_on_8_devices(data_dir, tmp_path, args
     assert (width, height) == (2 + 48 * (44 + 2), 2 + 2 * (44 + 2))
 
 
+@pytest.mark.slow
 def test_viz_cli_reads_a_checkpoint_written_on_other_devices(data_dir, tmp_path):
     import numpy as np
 
@@ -122,6 +123,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path):
     """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1."""
     import jax
@@ -180,6 +182,7 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
     assert "finished at step 4" in single.stdout
 
 
+@pytest.mark.slow
 def test_eval_only_reports_centre_and_ten_crop(data_dir, tmp_path):
     empty = run_cli([*TINY, "--config.eval_only=True", f"--workdir={tmp_path}"], data_dir)
     assert empty.returncode != 0 and "no checkpoint" in empty.stderr and "Traceback" not in empty.stderr
@@ -197,6 +200,7 @@ CAPPED = ("import os, resource, signal, sys; resource.setrlimit(resource.RLIMIT_
 # SIGXFSZ ignored, which exec keeps, the write fails instead of killing the process).
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
     import chex
 
@@ -218,6 +222,7 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_
     chex.assert_trees_all_equal(before, after)  # step 2 untouched by the failed save of step 4
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(data_dir, tmp_path):
     """A scheduler preempting one host: both processes agree at a log step, save that step
     together and exit 143; the run then resumes from it."""

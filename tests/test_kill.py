@@ -31,6 +31,7 @@ def _check(tmp_path, kills):
     return made
 
 
+@pytest.mark.slow
 def test_three_kills_then_resume_end_identical_to_an_uninterrupted_run(tmp_path):
     _check(tmp_path, kills=3)
     # the comparison can fail: one changed loss in the killed run's log is reported

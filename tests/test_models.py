@@ -92,6 +92,7 @@ def test_googlenet_shapes_compute_and_module_counts():
     assert sum(r.params for p, r in rows.items() if p.startswith("inception3a/")) == hand
 
 
+@pytest.mark.slow  # 1 1/2 minutes of compiling; googlenet_torchvision's aux heads are checked against PyTorch
 def test_googlenet_aux_heads_in_training_only():
     model, variables = init("googlenet", (128, 128, 3), num_classes=5)
     assert {"aux1", "aux2"} <= set(variables["params"])
@@ -166,7 +167,8 @@ SMALL = {"lenet5": (32, 32, 1), "lenet5_modern": (32, 32, 1), "vgg11": (32, 32, 
          "alexnet_bn": (224, 224, 3)}
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "googlenet" else n
+                                  for n in sorted(SMALL)])
 def test_forward_is_deterministic_and_traces_once(name):
     chex.clear_trace_counter()  # the counter is per function definition, shared by parameters
     model, variables = init(name, SMALL[name], num_classes=10)

@@ -41,11 +41,15 @@ PHASES = {  # where the signal lands: (object, method)
 }
 
 
-# SIGTERM in every phase; SIGINT takes the same path, and one phase checks it
-CASES = [(phase, signal.SIGTERM) for phase in sorted(PHASES)] + [("evaluation", signal.SIGINT)]
+# SIGTERM in every phase; SIGINT takes the same path, and one phase checks it. The default run
+# covers a step and an evaluation; the other phases are slow (about a minute each).
+CASES = [pytest.param(phase, signum, id=f"{phase}-{signal.Signals(signum).name}",
+                      marks=() if (phase, signum) in (("inside_a_step", signal.SIGTERM), ("evaluation", signal.SIGINT))
+                      else pytest.mark.slow)
+         for phase, signum in [(p, signal.SIGTERM) for p in sorted(PHASES)] + [("evaluation", signal.SIGINT)]]
 
 
-@pytest.mark.parametrize("phase,signum", CASES, ids=[f"{p}-{signal.Signals(s).name}" for p, s in CASES])
+@pytest.mark.parametrize("phase,signum", CASES)
 def test_a_signal_in_any_phase_saves_and_the_resumed_run_is_identical(data_dir, tmp_path, monkeypatch,
                                                                       straight, phase, signum):
     owner, name = PHASES[phase]

@@ -139,7 +139,8 @@ FAMILIES = {  # model: (fields, input size, channels, batch)
 }
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "googlenet" else n
+                                  for n in sorted(FAMILIES)])  # googlenet: 4 minutes of compiling
 def test_one_training_step_per_family(data_dir, tmp_path, name):
     from ml_collections import config_dict
 

@@ -192,6 +192,7 @@ def test_googlenet_auxiliary_head_equals_torchvisions():
     chex.assert_trees_all_close(np.asarray(ours), _torch_logits(net, x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_googlenet_transform_input_is_torchvisions_formula():
     """x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5 with ImageNet's mean and deviation."""
     model = get_model("googlenet_torchvision", num_classes=4, aux_heads=False)

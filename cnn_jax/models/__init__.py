@@ -13,7 +13,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision")
+_FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision", "convnet")
 
 
 def register(name: str):

@@ -61,6 +61,8 @@ class AlexNet(nn.Module):
     lrn: bool = True
     pool_window: int = 3  # 2 gives the non-overlapping 2/2 pooling of the paper's ablation
     floor: bool = False
+    kernels: float = 1.0  # every convolution's kernel count times this (scaled-down studies)
+    fc_units: int = 4096  # width of fc6 and fc7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -75,8 +77,8 @@ class AlexNet(nn.Module):
         x = x.astype(self.dtype)
         for name, features, kernel, stride, pad in CONVS:
             kernel_init, bias_init = initializers(self.init_scheme, name)
-            x = Conv(features, (kernel, kernel), strides=stride, padding=pad, floor=self.floor,
-                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
+            x = Conv(scaled(features, self.kernels), (kernel, kernel), strides=stride, padding=pad,
+                     floor=self.floor, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      bias_init=bias_init, name=name)(x)
             x = nn.relu(x)
             i = name[-1]
@@ -87,8 +89,13 @@ class AlexNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
         for name in ("fc6", "fc7"):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
-            x = nn.relu(self._dense(x, 4096, name))
+            x = nn.relu(self._dense(x, self.fc_units, name))
         return self._dense(x, self.num_classes, "fc8").astype(jnp.float32)
+
+
+def scaled(features: int, factor: float) -> int:
+    """A layer's kernel count times `factor`, at least one."""
+    return max(1, round(features * factor))
 
 
 @register("alexnet_bn")

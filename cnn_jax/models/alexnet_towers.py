@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry
 from cnn_jax.models import register
-from cnn_jax.models.alexnet import initializers
+from cnn_jax.models.alexnet import initializers, scaled
 
 # (name, features per tower, kernel, stride, padding, sees both towers)
 TOWER_CONVS = (
@@ -67,6 +67,8 @@ class AlexNetTowers(nn.Module):
     lrn: bool = True
     pool_window: int = 3
     floor: bool = False
+    kernels: float = 1.0  # every convolution's kernel count times this (scaled-down studies)
+    fc_units: int = 4096  # width of fc6 and fc7, both towers together
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -94,8 +96,8 @@ class AlexNetTowers(nn.Module):
             if both:
                 x = self._gather(x, name)
             kernel_init, bias_init = initializers(self.init_scheme, name)
-            x = nn.relu(_per_tower(Conv, features=features, kernel_size=(kernel, kernel), strides=stride,
-                                   padding=pad, floor=self.floor, kernel_init=kernel_init,
+            x = nn.relu(_per_tower(Conv, features=scaled(features, self.kernels), kernel_size=(kernel, kernel),
+                                   strides=stride, padding=pad, floor=self.floor, kernel_init=kernel_init,
                                    bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
                                    name=name)(x))
             i = name[-1]
@@ -109,7 +111,7 @@ class AlexNetTowers(nn.Module):
             # Each tower drops its own units, then both towers read all the survivors.
             x = _per_tower(nn.Dropout, rate=self.dropout_rate, deterministic=not train,
                            name=f"drop{name[-1]}")(x)
-            x = nn.relu(self._dense(self._gather(x, name), 4096 // self.towers, name))
+            x = nn.relu(self._dense(self._gather(x, name), self.fc_units // self.towers, name))
         x = self._dense(self._gather(x, "fc8"), self.num_classes // self.towers, "fc8")
         with jax.named_scope("tower_gather_logits"):
             logits = self.tower_combine(x) if self.tower_combine is not None else concat_towers(x)

@@ -1,7 +1,7 @@
 """ResNet (He, Zhang, Ren & Sun, 2015): 18/34/50/101/152 and the CIFAR family 20/32/44/56.
 
-a[l+2] = g(z[l+2] + a[l]). Where a shortcut changes dimensions, option 'A' subsamples and
-zero-pads the identity (no parameters), option 'B' projects with a 1x1 convolution and batch
+a[l+2] = g(z[l+2] + a[l]); the paper's "plain" networks (plain20_cifar, plain56_cifar) are
+the same layers without the a[l]. Where a shortcut changes dimensions, option 'A' subsamples and zero-pads the identity (no parameters), option 'B' projects with a 1x1 convolution and batch
 norm (only there). Convolutions have no bias (batch norm follows each). Batch-norm running
 statistics live in the 'batch_stats' collection, updated in training and used in evaluation.
 
@@ -30,6 +30,7 @@ class _Block(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     train: bool = False
+    residual: bool = True  # False: the paper's "plain" counterpart, the same layers without shortcuts
 
     expansion = 1
 
@@ -43,6 +44,10 @@ class _Block(nn.Module):
         return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
                             scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+    def add_shortcut(self, y, x):
+        """relu(y + shortcut(x)), or relu(y) in a plain network."""
+        return nn.relu((y + self.identity(x, y.shape[-1])) if self.residual else y)
 
     def identity(self, x, out_features):
         """The shortcut: identity, or the paper's option A or B where the shape changes."""
@@ -63,7 +68,7 @@ class BasicBlock(_Block):
     def __call__(self, x):
         y = nn.relu(self.bn(self.conv(x, self.filters, 3, self.strides, "conv1"), "bn1"))
         y = self.bn(self.conv(y, self.filters, 3, 1, "conv2"), "bn2")
-        return nn.relu(y + self.identity(x, self.filters))
+        return self.add_shortcut(y, x)
 
 
 class BottleneckBlock(_Block):
@@ -76,7 +81,7 @@ class BottleneckBlock(_Block):
         y = nn.relu(self.bn(self.conv(x, self.filters, 1, 1, "conv1"), "bn1"))
         y = nn.relu(self.bn(self.conv(y, self.filters, 3, self.strides, "conv2"), "bn2"))
         y = self.bn(self.conv(y, self.filters * 4, 1, 1, "conv3"), "bn3")
-        return nn.relu(y + self.identity(x, self.filters * 4))
+        return self.add_shortcut(y, x)
 
 
 class ResNet(nn.Module):
@@ -88,6 +93,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     shortcut: str = "B"
     cifar: bool = False
+    residual: bool = True  # False: the plain network of the paper's comparisons (no shortcuts)
     floor: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -102,7 +108,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
-        kw = dict(shortcut=self.shortcut, floor=self.floor, dtype=self.dtype,
+        kw = dict(shortcut=self.shortcut, residual=self.residual, floor=self.floor, dtype=self.dtype,
                   param_dtype=self.param_dtype, train=train)
         x = x.astype(self.dtype)
         width = 16 if self.cifar else 64
@@ -131,5 +137,8 @@ for _depth in (20, 32, 44, 56):
     _n = (_depth - 2) // 6
     register(f"resnet{_depth}_cifar")(functools.partial(
         ResNet, stage_sizes=(_n, _n, _n), block="basic", shortcut="A", cifar=True))
+for _depth in (20, 56):  # the plain networks of Figure 6 (left)
+    register(f"plain{_depth}_cifar")(functools.partial(
+        ResNet, stage_sizes=((_depth - 2) // 6,) * 3, block="basic", cifar=True, residual=False))
 # A tiny variant for fast tests only: one basic block per stage of the CIFAR network.
 register("resnet_tiny")(functools.partial(ResNet, stage_sizes=(1, 1, 1), block="basic", cifar=True))
