@@ -21,7 +21,8 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax import viz
-from cnn_jax.train import train_and_evaluate
+from cnn_jax.checks import ConfigError
+from cnn_jax.train import NonFiniteLossError, train_and_evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Verdict:
 def small_alexnet(config) -> config_dict.ConfigDict:
     """AlexNet's layers at 67x67 input (the smallest the paper's geometry maps onto exactly:
     conv1 15x15, a 1x1 conv5 map) with half its kernels and 1,024-unit fc6/fc7: the paper's
-    ablations at a size 2 CPU cores train in seconds. LeCun-normal initialisation (the paper's
+    ablations at a size 2 CPU cores train in about a minute a run. LeCun-normal initialisation (the paper's
     N(0, 0.01) with biases 1 does not start learning on this data for 125+ steps)."""
     config.model_name = "alexnet"
     config.model = config_dict.ConfigDict(dict(init_scheme="lecun", kernels=0.5, fc_units=1024, dropout_rate=0.5,
@@ -83,7 +84,18 @@ def with_values(config, values: dict) -> config_dict.ConfigDict:
 
 
 def seeds(config) -> range:
+    """The seeds to run: one in smoke mode, else `experiment.seeds`."""
+    if config.experiment.seeds < 1:
+        raise ConfigError(f"--config.experiment.seeds={config.experiment.seeds}: must be at least 1")
     return range(1 if config.smoke else config.experiment.seeds)
+
+
+def budget(config) -> int:
+    """The steps of every run; comparisons in steps need a fixed number."""
+    if config.num_train_steps < 1:
+        raise ConfigError(f"--config.num_train_steps={config.num_train_steps}: this experiment compares runs "
+                          "in steps and needs a fixed number; set it to 1 or more")
+    return config.num_train_steps
 
 
 def logged(folder: pathlib.Path, key: str) -> tuple[list[int], list[float]]:
@@ -107,10 +119,13 @@ def run_variants(config, root: pathlib.Path, variants: dict[str, dict], *, evalu
     """{variant: [one record per seed]}: each variant trained with each seed in root/<variant>_seed<n>.
 
     A record holds the seed, the run's config changes, its logged curves (validation top-1
-    error at each evaluation, training top-1 error and loss at each log step, as trained:
-    augmented, with dropout) and its final validation errors; `evaluate` names splits on which
+    error at each evaluation; training top-1 error and loss at each log step, as trained:
+    augmented, with dropout) and its final validation errors. `evaluate` names splits on which
     the finished run is evaluated again ('train': error without augmentation or dropout, for
     the train/validation gap), each giving `<split>_top1_error` and `<split>_ten_crop_top1_error`.
+    A run whose loss turns NaN or infinite is recorded as diverged, its errors NaN (left out
+    of means and verdicts), and the experiment goes on. Only process 0 gets records (it
+    writes the metrics); every process runs every run.
     """
     results = {}
     for seed in seeds(config):
@@ -121,19 +136,27 @@ def run_variants(config, root: pathlib.Path, variants: dict[str, dict], *, evalu
                 run_config.checkpoint_every_steps = run_config.num_train_steps or run_config.checkpoint_every_steps
             print(f"\n== {variant} (seed {seed}) ==", flush=True)
             folder = root / f"{slug(variant)}_seed{seed}"
-            final = train_and_evaluate(run_config, folder)
-            if jax.process_index() != 0:  # process 0 writes the metrics and the summary
-                continue
+            nan = float("nan")
+            try:
+                final = train_and_evaluate(run_config, folder)
+            except NonFiniteLossError as err:  # a rate too high for this network: a result, not a crash
+                print(f"diverged: {err}", flush=True)
+                final = {"top1_error": nan, "top5_error": nan, "loss": nan, "diverged": True}
+            diverged = "diverged" in final
             record = {"seed": seed, "changes": values, "top1_error": final["top1_error"],
-                      "top5_error": final["top5_error"], "loss": final["loss"]}
-            for key, name in (("eval/top1_error", "val"), ("train/top1_error", "train"), ("train/loss", "train_loss")):
-                record[f"{name}_steps"], record[f"{name}_curve"] = logged(folder, key)
+                      "top5_error": final["top5_error"], "loss": final["loss"], "diverged": diverged}
             for split in evaluate:
-                result = evaluate_on(run_config, folder, split)
-                record[f"{split}_top1_error"] = result["top1_error"]
-                record[f"{split}_ten_crop_top1_error"] = result["ten_crop_top1_error"]
-            results.setdefault(variant, []).append(record)
+                result = {} if diverged else evaluate_on(run_config, folder, split)
+                record[f"{split}_top1_error"] = result.get("top1_error", nan)
+                record[f"{split}_ten_crop_top1_error"] = result.get("ten_crop_top1_error", nan)
+            if jax.process_index() == 0:
+                for key, name in (("eval/top1_error", "val"), ("train/top1_error", "train"), ("train/loss", "train_loss")):
+                    record[f"{name}_steps"], record[f"{name}_curve"] = logged(folder, key)
+                results.setdefault(variant, []).append(record)
     return results
+
+
+NOTHING = {"note": "", "table": [], "files": []}  # what run_all returns on processes other than 0
 
 
 def add_gap(results: dict):
@@ -143,18 +166,22 @@ def add_gap(results: dict):
             r["gap"] = r["top1_error"] - r["train_top1_error"]
 
 
-def spread(values) -> dict:
-    """Mean, lowest and highest of per-seed numbers."""
+def finite(values) -> np.ndarray:
+    """The per-seed numbers of runs that did not diverge."""
     values = np.asarray(values, float)
-    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
-            "seeds": [float(v) for v in values]}
+    return values[np.isfinite(values)]
 
 
 def pm(values, scale: float = 100.0, unit: str = "%") -> str:
-    """'12.3% +- 0.8' (mean +- half the range over seeds)."""
-    s = spread(values)
-    half = (s["max"] - s["min"]) / 2 * scale
-    return f"{s['mean'] * scale:.1f}{unit} +- {half:.1f}"
+    """'12.0% [11.0-14.0]': the mean and the range over seeds (diverged seeds named, not averaged)."""
+    kept = finite(values)
+    lost = len(values) - len(kept)
+    note = f", {lost} of {len(values)} diverged" if lost else ""
+    if not len(kept):
+        return f"diverged ({len(values)} of {len(values)})"
+    if len(kept) == 1:
+        return f"{kept[0] * scale:.1f}{unit}{' (' + note[2:] + ')' if note else ''}"
+    return f"{kept.mean() * scale:.1f}{unit} [{kept.min() * scale:.1f}-{kept.max() * scale:.1f}{note}]"
 
 
 def first_below(steps, values, threshold: float):
@@ -163,38 +190,48 @@ def first_below(steps, values, threshold: float):
 
 
 def band(runs: list[dict], key: str) -> tuple:
-    """(steps, mean, low, high) of a curve over seeds, in percent, for `viz.plot_curves`."""
-    steps = runs[0][f"{key}_steps"]
-    n = min(len(r[f"{key}_curve"]) for r in runs)
-    curves = np.array([r[f"{key}_curve"][:n] for r in runs]) * 100
-    return steps[:n], curves.mean(0), curves.min(0), curves.max(0)
+    """(steps, mean, low, high) of a curve over the seeds that did not diverge, in percent, for
+    `viz.plot_curves` (all seeds when every one diverged, up to where they stopped)."""
+    kept = [r for r in runs if not r["diverged"]] or runs
+    n = min(len(r[f"{key}_curve"]) for r in kept)
+    curves = np.array([r[f"{key}_curve"][:n] for r in kept]).reshape(len(kept), n) * 100
+    return kept[0][f"{key}_steps"][:n], curves.mean(0), curves.min(0), curves.max(0)
 
 
-def compare_errors(results: dict, better: str, worse: str, paper_drop: float, scale: str) -> Verdict:
-    """The verdict on 'variant `better` has the lower final validation error', by `paper_drop`
-    points in the paper: reproduced when ours drops by at least half as much, by more than half
-    the spread over seeds, with two seeds or more; same direction when the mean drops at all."""
-    a = [r["top1_error"] for r in results[better]]
-    b = [r["top1_error"] for r in results[worse]]
-    drop = (np.mean(b) - np.mean(a)) * 100
-    noise = (max(np.ptp(a), np.ptp(b)) / 2) * 100
-    if drop >= paper_drop / 2 and drop > noise and min(len(a), len(b)) >= 2:
+def compare_errors(results: dict, better: str, worse: str, paper: tuple[float, float], scale: str) -> Verdict:
+    """The verdict on 'variant `better` has the lower final validation error', where the paper
+    has `paper` = (worse's error, better's error) in percent. Reproduced: ours falls by at least
+    half the paper's relative amount, the two ranges over seeds do not overlap, and each variant
+    has two or more seeds that did not diverge. Same direction: the mean falls. Else not reproduced."""
+    a, b = finite([r["top1_error"] for r in results[better]]), finite([r["top1_error"] for r in results[worse]])
+    if not len(a) or not len(b):
+        return Verdict(ours=f"{pm([r['top1_error'] for r in results[worse]])} -> "
+                            f"{pm([r['top1_error'] for r in results[better]])}", verdict="not reproduced",
+                       why="every run of a variant diverged", scale=scale)
+    change = (a.mean() - b.mean()) * 100  # negative: lower error, as the paper has
+    relative, paper_relative = -change / (b.mean() * 100), (paper[0] - paper[1]) / paper[0]
+    apart = a.max() < b.min()
+    if change < 0 and relative >= paper_relative / 2 and apart and min(len(a), len(b)) >= 2:
         kind = "reproduced"
-    elif drop > 0:
+    elif change < 0:
         kind = "same direction"
     else:
         kind = "not reproduced"
-    why = (f"{worse} {pm(b)} against {better} {pm(a)}: a {drop:+.1f}-point drop where the paper "
-           f"has {paper_drop:.1f}; the seeds spread by up to {noise:.1f} points either side")
-    return Verdict(ours=f"{pm(b)} -> {pm(a)} ({drop:+.1f} points)", verdict=kind, why=why, scale=scale)
+    why = (f"{worse} {pm(b)}, {better} {pm(a)}: {change:+.1f} points ({-relative:+.0%} relative; the paper "
+           f"{paper[1] - paper[0]:+.1f} points, {-paper_relative:+.0%}); the ranges over seeds "
+           f"{'do not overlap' if apart else 'overlap'}")
+    return Verdict(ours=f"{pm(b)} -> {pm(a)} ({change:+.1f} points)", verdict=kind, why=why, scale=scale)
 
 
 def error_table(results: dict, extra: dict | None = None) -> list[str]:
-    """One row per variant: final validation error (and any `extra` columns: name -> key)."""
+    """One row per variant: final validation error, then `extra` columns ({title: record key};
+    titles ending in '(points)' are differences, shown without a % sign)."""
     extra = extra or {}
-    rows = ["| " + " | ".join(["variant", "final validation top-1 error", *extra]) + " |", "|---|---:|" + "---:|" * len(extra)]
+    rows = ["| " + " | ".join(["variant", "final validation top-1 error", *extra]) + " |",
+            "|---|---:|" + "---:|" * len(extra)]
     for variant, runs in results.items():
-        cells = [pm([r["top1_error"] for r in runs])] + [pm([r[k] for r in runs]) for k in extra.values()]
+        cells = [pm([r["top1_error"] for r in runs])] + [
+            pm([r[key] for r in runs], unit="" if title.endswith("(points)") else "%") for title, key in extra.items()]
         rows.append(f"| {variant} | " + " | ".join(cells) + " |")
     return rows
 

@@ -179,7 +179,8 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
                           "set --config.coordinator_address=HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
     if count == 1:
         config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
-    return config, workdir or f"runs/{name or f'{config.model_name}_{config.dataset}'}"
+    default = f"runs/{name or f'{config.model_name}_{config.dataset}'}" + ("_smoke" if config.smoke else "")
+    return config, workdir or default  # a smoke run never lands in (and blocks) the real run's folder
 
 
 def usage(get_config) -> str:

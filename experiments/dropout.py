@@ -7,7 +7,7 @@ against none, `experiment.seeds` seeds; overfitting as the gap between the train
 error (evaluated without dropout) and the validation error, convergence as the first logged
 step whose training error (as trained, with dropout) is at most `experiment.converged`.
 Writes results.json, results.md and dropout.png to the workdir (default runs/dropout).
-Budget: about 8 minutes on 2 CPU cores (6 runs of 800 steps).
+Budget: 7 minutes on 2 CPU cores (6 runs of 800 steps; measured 6 min 55 s).
 """
 
 from __future__ import annotations
@@ -27,31 +27,36 @@ VARIANTS = {"dropout 0.5": {"model.dropout_rate": 0.5}, "no dropout": {"model.dr
 def get_config() -> config_dict.ConfigDict:
     c = _compare.small_alexnet(_run.base_config())
     c.num_train_steps = 800
-    c.experiment = config_dict.ConfigDict(dict(seeds=3, converged=0.02))
+    c.experiment = config_dict.ConfigDict(dict(seeds=3, converged=0.05))
     return c
 
 
 def run_all(config, workdir) -> dict:
     root = pathlib.Path(workdir)
+    budget, level = _compare.budget(config), config.experiment.converged
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
+    if not results:
+        return _compare.NOTHING
     _compare.add_gap(results)
-    budget, level = config.num_train_steps, config.experiment.converged
     for runs in results.values():
         for r in runs:
-            r["steps_to_converge"] = _compare.first_below(r["train_steps"], r["train_curve"], level)
-    steps = {v: [r["steps_to_converge"] or budget for r in runs] for v, runs in results.items()}
-    gaps = {v: np.mean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
-    ratio = np.mean(steps["dropout 0.5"]) / np.mean(steps["no dropout"])
+            r["steps_to_converge"] = (None if r["diverged"] else
+                                      _compare.first_below(r["train_steps"], r["train_curve"], level))
+    steps = {v: [r["steps_to_converge"] for r in runs if r["steps_to_converge"]] for v, runs in results.items()}
+    gaps = {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
+    everyone = all(r["steps_to_converge"] for runs in results.values() for r in runs)
+    ratio = np.mean(steps["dropout 0.5"]) / np.mean(steps["no dropout"]) if everyone else float("nan")
     less_overfit = gaps["dropout 0.5"] < gaps["no dropout"]
-    slower = ratio > 1.2
+    # the paper: "roughly doubles"; reproduced within a factor 1.5..3 and with less overfitting
     kind = ("reproduced" if less_overfit and 1.5 <= ratio <= 3 else
-            "same direction" if less_overfit and slower else "not reproduced")
-    never = any(r["steps_to_converge"] is None for runs in results.values() for r in runs)
+            "same direction" if less_overfit and ratio > 1 else "not reproduced")
     why = (f"train/validation gap {gaps['no dropout']:.1f} points without dropout, {gaps['dropout 0.5']:.1f} with; "
-           f"steps to {level:.0%} training error (as trained) {np.mean(steps['no dropout']):.0f} without, "
-           f"{np.mean(steps['dropout 0.5']):.0f} with ({ratio:.1f}x)"
-           + (f"; a run that never got there counts as {budget}" if never else ""))
-    verdict = _compare.Verdict(ours=f"{ratio:.1f}x the steps; gap {gaps['no dropout']:.1f} -> {gaps['dropout 0.5']:.1f} points",
+           + (f"steps to {level:.0%} training error (as trained) {np.mean(steps['no dropout']):.0f} without, "
+              f"{np.mean(steps['dropout 0.5']):.0f} with ({ratio:.1f}x)" if everyone else
+              f"not every run reached {level:.0%} training error (as trained) within {budget} steps, or it "
+              "diverged: no step ratio"))
+    steps_text = f"{ratio:.1f}x the steps" if everyone else "steps: n/a"
+    verdict = _compare.Verdict(ours=f"{steps_text}; gap {gaps['no dropout']:.1f} -> {gaps['dropout 0.5']:.1f} points",
                                verdict=kind, why=why, scale=_compare.scale_of(config))
     table = [*_compare.error_table(results, {"training-split error": "train_top1_error", "gap (points)": "gap"}), "",
              f"| variant | steps to {level:.0%} training error (per seed) |", "|---|---|"]

@@ -6,7 +6,8 @@ pooling overfit slightly less. Here: AlexNet's layers at 67x67 with half the ker
 (`_compare.small_alexnet`) on the offline digits, both poolings, `experiment.seeds` seeds;
 the gap is the training-split error (evaluated without augmentation or dropout) against the
 validation error. Writes results.json, results.md and overlapping_pool.png to the workdir
-(default runs/overlapping_pool). Budget: about 6 minutes on 2 CPU cores (6 runs of 600 steps).
+(default runs/overlapping_pool). Budget: 8 minutes on 2 CPU cores (6 runs of 600 steps, each evaluated on the
+training split; measured 7 min 20 s).
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ def get_config() -> config_dict.ConfigDict:
 def run_all(config, workdir) -> dict:
     root = pathlib.Path(workdir)
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
+    if not results:
+        return _compare.NOTHING
     _compare.add_gap(results)
-    verdict = _compare.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", 0.4, _compare.scale_of(config))
-    gaps = {v: np.mean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
+    # the paper's 0.4 points against its one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
+    verdict = _compare.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", (37.9, 37.5),
+                                      _compare.scale_of(config))
+    gaps = {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
     verdict = _compare.Verdict(
         ours=verdict.ours, verdict=verdict.verdict, scale=verdict.scale,
         why=f"{verdict.why}. Train/validation gap: {gaps['overlapping 3/2']:.1f} points overlapping, "

@@ -7,7 +7,7 @@ learning rate that trains it fastest, no regularisation. Here: the same network
 fastest of `experiment.learning_rates`, `experiment.seeds` seeds, steps to 25% training
 error read off the logged training error (the mean over each `log_every_steps` window).
 Writes results.json, results.md and relu_vs_tanh.png to the workdir (default
-runs/relu_vs_tanh). Budget: about 8 minutes on 2 CPU cores (18 runs of 300 steps).
+runs/relu_vs_tanh). Budget: 6 minutes on 2 CPU cores (18 runs of 120 steps; measured 5 min 47 s).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import pathlib
 import numpy as np
 from ml_collections import config_dict
 
+from cnn_jax.checks import ConfigError
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="ReLU reaches 25% training error faster than tanh (four-layer CNN, CIFAR-10)",
-                       paper="6x fewer steps", source="Krizhevsky et al. 2012, Figure 1")
+                       paper="tanh needs 6x the steps", source="Krizhevsky et al. 2012, Figure 1")
 ACTIVATIONS = ("relu", "tanh")
 
 
@@ -30,7 +31,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict(dict(activation="relu", lrn=False, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1
     c.pca_noise, c.weight_decay, c.schedule = 0.0, 0.0, "constant"  # no regularisation (Figure 1)
-    c.batch_size, c.num_train_steps, c.log_every_steps, c.eval_every_steps = 32, 300, 5, 100
+    c.batch_size, c.num_train_steps, c.log_every_steps, c.eval_every_steps = 32, 120, 2, 40
     c.experiment = config_dict.ConfigDict(dict(threshold=0.25, learning_rates=(0.01, 0.03, 0.1), seeds=3))
     return c
 
@@ -41,8 +42,9 @@ def variants(config) -> dict:
 
 
 def steps_to(runs, threshold) -> list:
-    """Per seed: the first logged step at or below `threshold` training error (None: never)."""
-    return [_compare.first_below(r["train_steps"], r["train_curve"], threshold) for r in runs]
+    """Per seed: the first logged step at or below `threshold` training error (None: never, or diverged)."""
+    return [None if r["diverged"] else _compare.first_below(r["train_steps"], r["train_curve"], threshold)
+            for r in runs]
 
 
 def fastest(results: dict, act: str, threshold: float, budget: int) -> str:
@@ -53,16 +55,24 @@ def fastest(results: dict, act: str, threshold: float, budget: int) -> str:
 
 def run_all(config, workdir) -> dict:
     root = pathlib.Path(workdir)
+    e, budget = config.experiment, _compare.budget(config)
+    if not e.learning_rates:
+        raise ConfigError("--config.experiment.learning_rates is empty: give one or more, e.g. '(0.01, 0.03)'")
     results = _compare.run_variants(config, root, variants(config))
-    e, budget = config.experiment, config.num_train_steps
+    if not results:
+        return _compare.NOTHING
     best = {act: fastest(results, act, e.threshold, budget) for act in ACTIVATIONS}
     steps = {act: steps_to(results[v], e.threshold) for act, v in best.items()}
     table = ["| activation, learning rate | steps to 25% training error (per seed) | final training error | "
              "final validation error |", "|---|---|---:|---:|"]
     for variant, runs in results.items():
         mark = " (fastest)" if variant in best.values() else ""
-        table.append(f"| {variant}{mark} | {', '.join(str(s) if s else f'>{budget}' for s in steps_to(runs, e.threshold))}"
-                     f" | {_compare.pm([r['train_curve'][-1] for r in runs])} | {_compare.pm([r['top1_error'] for r in runs])} |")
+        finals = [_compare.pm([float("nan") if r["diverged"] else r["train_curve"][-1] for r in runs]),
+                  _compare.pm([r["top1_error"] for r in runs])]
+        per_seed = ["diverged" if r["diverged"] else str(s) if s else f">{budget}"
+                    for r, s in zip(runs, steps_to(runs, e.threshold))]
+        table.append(f"| {variant}{mark} | {', '.join(per_seed)}"
+                     f" | {finals[0]} | {finals[1]} |")
     reached = all(s is not None for act in ACTIVATIONS for s in steps[act])
     ratio = np.mean([s or budget for s in steps["tanh"]]) / np.mean([s or budget for s in steps["relu"]])
     if not reached:
@@ -71,11 +81,10 @@ def run_all(config, workdir) -> dict:
         kind = "reproduced" if ratio >= 3 else "same direction" if ratio > 1.2 else "not reproduced"
         why = (f"tanh needs {ratio:.1f}x the steps of ReLU to reach {e.threshold:.0%} training error "
                f"(means {np.mean(steps['tanh']):.0f} and {np.mean(steps['relu']):.0f} steps, resolution "
-               f"{config.log_every_steps} steps); the digits are easier than CIFAR-10, so both reach it early")
+               f"{config.log_every_steps} steps)")
     verdict = _compare.Verdict(
-        ours=f"{ratio:.1f}x fewer steps", verdict=kind, why=why,
-        scale=f"digits 32x32 grey, {len(_compare.seeds(config))} seeds, {budget} steps of {config.batch_size}, "
-              f"learning rate per activation from {list(e.learning_rates)}")
+        ours=f"tanh needs {ratio:.1f}x the steps" if reached else "n/a", verdict=kind, why=why,
+        scale=f"{_compare.scale_of(config)}, learning rate per activation from {list(e.learning_rates)}")
     panels = {"training error (logged, as trained)": {best[a]: _compare.band(results[best[a]], "train") for a in ACTIVATIONS}}
     return _compare.write_results(root, "relu_vs_tanh", config, CLAIM, verdict, results, table, panels,
                                   title=f"ReLU against tanh: {config.model_name} on {config.dataset}",

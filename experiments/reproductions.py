@@ -3,8 +3,8 @@
     python -m experiments.reproductions                 # collect runs/<name>/, rewrite README.md
     python -m experiments.reproductions --check         # exit 1 if README.md is out of date
 
-Each experiment's results.json and plot are copied from runs/<name>/ (when a finished, full
-run is there) into docs/reproductions/, and the table between the README's markers is
+Each experiment's results.json and plot are copied from runs/<name>/ (when a run that was
+not a smoke run is there) into docs/reproductions/, and the table between the README's markers is
 rendered from the copies: the committed table always matches committed data.
 """
 
@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import sys
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository: defaults do not depend on the cwd
 EXPERIMENTS = ("relu_vs_tanh", "lrn", "overlapping_pool", "dropout", "two_towers", "augmentation",
                "plain_vs_residual")
 BEGIN, END = "<!-- reproductions: begin -->", "<!-- reproductions: end -->"
@@ -32,15 +33,15 @@ def collect(runs: pathlib.Path, docs: pathlib.Path) -> list[str]:
         if json.loads(source.read_text()).get("smoke"):
             print(f"skipped {source}: a smoke run (--config.smoke=True), not a result", file=sys.stderr)
             continue
+        shutil.copyfile(runs / name / f"{name}.png", docs / f"{name}.png")  # the plot first: no table row without it
         shutil.copyfile(source, docs / f"{name}.json")
-        shutil.copyfile(runs / name / f"{name}.png", docs / f"{name}.png")
         copied.append(name)
     return copied
 
 
 def render(docs: pathlib.Path, image_prefix: str = "docs/reproductions/") -> str:
     """The Markdown table (and plots) of every results file in `docs`, in EXPERIMENTS order."""
-    rows = ["| claim (source) | paper | ours (mean +- half range over seeds) | data and scale | verdict |",
+    rows = ["| claim (source) | paper | ours (mean [range] over seeds) | data and scale | verdict |",
             "|---|---|---|---|---|"]
     images, missing = [], []
     for name in EXPERIMENTS:
@@ -49,6 +50,8 @@ def render(docs: pathlib.Path, image_prefix: str = "docs/reproductions/") -> str
             missing.append(name)
             continue
         data = json.loads(path.read_text())
+        if not {"claim", "verdict"} <= data.keys():
+            raise ValueError(f"{path} has no claim and verdict: rerun python -m experiments.{name} to rewrite it")
         claim, verdict = data["claim"], data["verdict"]
         rows.append(f"| {claim['claim']} ({claim['source']}; `python -m experiments.{name}`) | {claim['paper']} | "
                     f"{verdict['ours']} | {verdict['scale']} | **{verdict['verdict']}**: {verdict['why']} |")
@@ -68,9 +71,9 @@ def rewrite(readme: pathlib.Path, table: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproductions", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=pathlib.Path, default=pathlib.Path("runs"), help="the experiments' workdirs")
-    parser.add_argument("--docs", type=pathlib.Path, default=pathlib.Path("docs/reproductions"))
-    parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("README.md"))
+    parser.add_argument("--runs", type=pathlib.Path, default=ROOT / "runs", help="the experiments' workdirs")
+    parser.add_argument("--docs", type=pathlib.Path, default=ROOT / "docs" / "reproductions")
+    parser.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true", help="only say whether the README's table is up to date")
     args = parser.parse_args(argv)
     try:

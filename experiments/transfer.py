@@ -31,7 +31,7 @@ from ml_collections import config_dict
 
 from cnn_jax import viz
 from cnn_jax.train import train_and_evaluate
-from experiments import _run
+from experiments import _compare, _run
 
 VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
     "small, head only": ("small", True, dict(head_only=True)),
@@ -77,16 +77,6 @@ def _folder(variant: str, seed: int) -> str:
     return variant.replace(", ", "_").replace(" ", "_").replace("-", "") + ("" if variant == "pretrain" else f"_seed{seed}")
 
 
-def _curve(workdir: pathlib.Path) -> tuple[list[int], list[float]]:
-    """The run's logged validation top-1 errors, by step (the last entry per step)."""
-    errors = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "eval/top1_error" in entry:
-            errors[entry["step"]] = entry["eval/top1_error"]
-    return sorted(errors), [errors[s] for s in sorted(errors)]
-
-
 def run_all(config, workdir) -> dict:
     """Every run of `_runs`, then the summary files."""
     root = pathlib.Path(workdir)
@@ -106,7 +96,7 @@ def run_all(config, workdir) -> dict:
         final = train_and_evaluate(run_config, folder)
         if jax.process_index() != 0:  # process 0 writes the metrics and the summary
             continue
-        steps, errors = _curve(folder)
+        steps, errors = _compare.logged(folder, "eval/top1_error")
         results.setdefault(variant, []).append({"seed": seed, "final_top1_error": final["top1_error"],
                                                 "steps": steps, "top1_error": errors})
     if jax.process_index() != 0:
@@ -155,11 +145,5 @@ def verdict(summary: dict, size: str) -> str:
             f"evaluation {first(best):.1%} against {first(f'{size}, from scratch'):.1%}.")
 
 
-def show(config, result: dict):
-    print("\n" + result["note"] + "\n\n" + "\n".join(result["table"]))
-    for path in result["files"]:
-        print(f"  wrote {path}")
-
-
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=show, name="transfer")
+    _run.run(get_config, job=run_all, show=_compare.show, name="transfer")

@@ -86,7 +86,7 @@ def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
 def test_a_valid_command_line_is_checked_with_auto_eval_batch_and_smoke_keeps_given_keys(tmp_path):
     config, workdir = _run.prepare(alexnet.get_config, ["alexnet", "--config.smoke=True",
                                                         "--config.log_every_steps=5", "--config.batch_size=16"])
-    assert workdir == "runs/alexnet_digits"
+    assert workdir == "runs/alexnet_digits_smoke"  # never the real run's folder
     assert (config.log_every_steps, config.batch_size) == (5, 16)  # given: kept
     assert (config.eval_every_steps, config.checkpoint_every_steps, config.num_train_steps) == (3, 3, 3)
     assert config.eval_batch_size == 32  # auto: a multiple of 8 covering eval_limit=32

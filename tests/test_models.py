@@ -92,7 +92,7 @@ def test_googlenet_shapes_compute_and_module_counts():
     assert sum(r.params for p, r in rows.items() if p.startswith("inception3a/")) == hand
 
 
-@pytest.mark.slow  # 1 1/2 minutes of compiling; googlenet_torchvision's aux heads are checked against PyTorch
+@pytest.mark.slow  # 1 1/2 minutes of compiling
 def test_googlenet_aux_heads_in_training_only():
     model, variables = init("googlenet", (128, 128, 3), num_classes=5)
     assert {"aux1", "aux2"} <= set(variables["params"])

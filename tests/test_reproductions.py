@@ -77,25 +77,43 @@ def test_plain_block_has_no_shortcut():
         chex.assert_trees_all_close(block.apply({**variables, "params": params}, x), expected)
 
 
+def test_plain_net_is_the_resnet_without_shortcuts():
+    """Same variables, different functions: ResNet passes `residual` down to every block."""
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    plain, residual = get_model("plain20_cifar", num_classes=10), get_model("resnet20_cifar", num_classes=10)
+    variables = residual.init(jax.random.key(1), x, train=False)
+    assert jax.tree.structure(plain.init(jax.random.key(1), x, train=False)) == jax.tree.structure(variables)
+    assert not np.allclose(plain.apply(variables, x, train=False), residual.apply(variables, x, train=False))
+
+
 def _results(errors: dict) -> dict:
-    return {variant: [{"top1_error": e} for e in values] for variant, values in errors.items()}
+    return {variant: [{"top1_error": e, "diverged": e != e} for e in values] for variant, values in errors.items()}
 
 
-@pytest.mark.parametrize("better,worse,verdict", [
-    ((0.10, 0.11, 0.12), (0.13, 0.14, 0.12), "reproduced"),  # 2 points lower, beyond the 1-point spread
-    ((0.10, 0.14, 0.12), (0.13, 0.12, 0.14), "same direction"),  # 1 point lower, within the 2-point spread
-    ((0.13, 0.14, 0.12), (0.10, 0.11, 0.12), "not reproduced"),  # higher
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("better,worse,verdict,ours", [
+    # the paper: 13% -> 11%, 15% lower; reproduced needs 7.7% lower, ranges apart, two seeds
+    ((0.10, 0.11, 0.12), (0.13, 0.14, 0.15), "reproduced", "14.0% [13.0-15.0] -> 11.0% [10.0-12.0] (-3.0 points)"),
+    ((0.10, 0.14, 0.12), (0.13, 0.12, 0.14), "same direction", "(-1.0 points)"),  # ranges overlap
+    ((0.130, 0.131), (0.135, 0.136), "same direction", "(-0.5 points)"),  # apart, but 4% lower: too small
+    ((0.10,), (0.14,), "same direction", "14.0% -> 10.0% (-4.0 points)"),  # one seed is not enough
+    ((0.13, 0.14, 0.12), (0.10, 0.11, 0.12), "not reproduced", "(+2.0 points)"),  # higher
+    ((0.10, 0.11, NAN), (0.13, 0.14, 0.15), "reproduced", "10.5% [10.0-11.0, 1 of 3 diverged]"),
+    ((NAN, NAN), (0.13, 0.14), "not reproduced", "-> diverged (2 of 2)"),
 ])
-def test_error_verdicts(better, worse, verdict):
-    result = _compare.compare_errors(_results({"a": better, "b": worse}), "a", "b", 2.0, "scale")
+def test_error_verdicts(better, worse, verdict, ours):
+    result = _compare.compare_errors(_results({"a": better, "b": worse}), "a", "b", (13.0, 11.0), "scale")
     assert result.verdict == verdict
-    assert result.ours.endswith(f"({(np.mean(worse) - np.mean(better)) * 100:+.1f} points)")
+    assert ours in result.ours
 
 
 def test_helpers():
     assert _compare.first_below([5, 10, 15], [0.5, 0.25, 0.1], 0.25) == 10
     assert _compare.first_below([5, 10], [0.5, 0.3], 0.25) is None
-    assert _compare.pm([0.10, 0.12, 0.14]) == "12.0% +- 2.0"
+    assert _compare.pm([0.10, 0.11, 0.15]) == "12.0% [10.0-15.0]"
+    assert _compare.pm([0.02, -0.01], unit="") == "0.5 [-1.0-2.0]"
     with pytest.raises(ValueError, match="verdict 'yes'"):
         _compare.Verdict(ours="", verdict="yes", why="", scale="")
 

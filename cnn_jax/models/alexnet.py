@@ -62,6 +62,8 @@ class AlexNet(nn.Module):
     pool_window: int = 3  # 2 gives the non-overlapping 2/2 pooling of the paper's ablation
     floor: bool = False
     kernels: float = 1.0  # every convolution's kernel count times this (scaled-down studies)
+    conv5_kernels: float | None = None  # conv5's own multiplier (None: `kernels`); the paper's one-GPU
+    # baseline halves every convolution but conv5 (section 3.2, footnote)
     fc_units: int = 4096  # width of fc6 and fc7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -77,7 +79,8 @@ class AlexNet(nn.Module):
         x = x.astype(self.dtype)
         for name, features, kernel, stride, pad in CONVS:
             kernel_init, bias_init = initializers(self.init_scheme, name)
-            x = Conv(scaled(features, self.kernels), (kernel, kernel), strides=stride, padding=pad,
+            factor = self.conv5_kernels if name == "conv5" and self.conv5_kernels is not None else self.kernels
+            x = Conv(scaled(features, factor), (kernel, kernel), strides=stride, padding=pad,
                      floor=self.floor, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      bias_init=bias_init, name=name)(x)
             x = nn.relu(x)
@@ -94,7 +97,9 @@ class AlexNet(nn.Module):
 
 
 def scaled(features: int, factor: float) -> int:
-    """A layer's kernel count times `factor`, at least one."""
+    """A layer's kernel count times `factor` (> 0), at least one."""
+    if factor <= 0:
+        raise ValueError(f"kernel multiplier {factor}: must be > 0")
     return max(1, round(features * factor))
 
 

@@ -1,7 +1,8 @@
 """ResNet (He, Zhang, Ren & Sun, 2015): 18/34/50/101/152 and the CIFAR family 20/32/44/56.
 
 a[l+2] = g(z[l+2] + a[l]); the paper's "plain" networks (plain20_cifar, plain56_cifar) are
-the same layers without the a[l]. Where a shortcut changes dimensions, option 'A' subsamples and zero-pads the identity (no parameters), option 'B' projects with a 1x1 convolution and batch
+the same layers without the a[l]. Where a shortcut changes dimensions, option 'A' subsamples
+and zero-pads the identity (no parameters), option 'B' projects with a 1x1 convolution and batch
 norm (only there). Convolutions have no bias (batch norm follows each). Batch-norm running
 statistics live in the 'batch_stats' collection, updated in training and used in evaluation.
 
