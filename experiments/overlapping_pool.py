@@ -6,8 +6,8 @@ pooling overfit slightly less. Here: AlexNet's layers at 67x67 with half the ker
 (`_compare.small_alexnet`) on the offline digits, both poolings, `experiment.seeds` seeds;
 the gap is the training-split error (evaluated without augmentation or dropout) against the
 validation error. Writes results.json, results.md and overlapping_pool.png to the workdir
-(default runs/overlapping_pool). Budget: 8 minutes on 2 CPU cores (6 runs of 600 steps, each evaluated on the
-training split; measured 7 min 20 s).
+(default runs/overlapping_pool). Budget: 8 minutes on 2 CPU cores (6 runs of 600 steps,
+each evaluated on the training split; measured 7 min 20 s).
 """
 
 from __future__ import annotations
