@@ -203,10 +203,10 @@ def compare_errors(results: dict, better: str, worse: str, paper: tuple[float, f
     has `paper` = (worse's error, better's error) in percent. Reproduced: ours falls by at least
     half the paper's relative amount, the two ranges over seeds do not overlap, and each variant
     has two or more seeds that did not diverge. Same direction: the mean falls. Else not reproduced."""
-    a, b = finite([r["top1_error"] for r in results[better]]), finite([r["top1_error"] for r in results[worse]])
+    every_a, every_b = [r["top1_error"] for r in results[better]], [r["top1_error"] for r in results[worse]]
+    a, b = finite(every_a), finite(every_b)
     if not len(a) or not len(b):
-        return Verdict(ours=f"{pm([r['top1_error'] for r in results[worse]])} -> "
-                            f"{pm([r['top1_error'] for r in results[better]])}", verdict="not reproduced",
+        return Verdict(ours=f"{pm(every_b)} -> {pm(every_a)}", verdict="not reproduced",
                        why="every run of a variant diverged", scale=scale)
     change = (a.mean() - b.mean()) * 100  # negative: lower error, as the paper has
     relative, paper_relative = -change / (b.mean() * 100), (paper[0] - paper[1]) / paper[0]
@@ -217,10 +217,10 @@ def compare_errors(results: dict, better: str, worse: str, paper: tuple[float, f
         kind = "same direction"
     else:
         kind = "not reproduced"
-    why = (f"{worse} {pm(b)}, {better} {pm(a)}: {change:+.1f} points ({-relative:+.0%} relative; the paper "
+    why = (f"{worse} {pm(every_b)}, {better} {pm(every_a)}: {change:+.1f} points ({-relative:+.0%} relative; the paper "
            f"{paper[1] - paper[0]:+.1f} points, {-paper_relative:+.0%}); the ranges over seeds "
            f"{'do not overlap' if apart else 'overlap'}")
-    return Verdict(ours=f"{pm(b)} -> {pm(a)} ({change:+.1f} points)", verdict=kind, why=why, scale=scale)
+    return Verdict(ours=f"{pm(every_b)} -> {pm(every_a)} ({change:+.1f} points)", verdict=kind, why=why, scale=scale)
 
 
 def error_table(results: dict, extra: dict | None = None) -> list[str]:
