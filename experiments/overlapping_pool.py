@@ -40,11 +40,14 @@ def run_all(config, workdir) -> dict:
     verdict = _compare.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", (37.9, 37.5),
                                       _compare.scale_of(config))
     gaps = {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
+    over, non = (_compare.finite([r["gap"] for r in results[v]]) for v in VARIANTS)
+    apart = len(over) and len(non) and over.max() < non.min()
     verdict = _compare.Verdict(
         ours=verdict.ours, verdict=verdict.verdict, scale=verdict.scale,
         why=f"{verdict.why}. Train/validation gap: {gaps['overlapping 3/2']:.1f} points overlapping, "
             f"{gaps['non-overlapping 2/2']:.1f} non-overlapping "
-            f"({'less' if gaps['overlapping 3/2'] < gaps['non-overlapping 2/2'] else 'not less'} overfitting)")
+            f"({'less' if gaps['overlapping 3/2'] < gaps['non-overlapping 2/2'] else 'not less'} overfitting on average; "
+            f"the seeds' gaps {'do not overlap' if apart else 'overlap'})")
     table = _compare.error_table(results, {"training-split error": "train_top1_error", "gap (points)": "gap"})
     panels = {"validation error": {v: _compare.band(runs, "val") for v, runs in results.items()},
               "training error (logged, as trained)": {v: _compare.band(runs, "train") for v, runs in results.items()}}
