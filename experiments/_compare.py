@@ -159,11 +159,16 @@ def run_variants(config, root: pathlib.Path, variants: dict[str, dict], *, evalu
 NOTHING = {"note": "", "table": [], "files": []}  # what run_all returns on processes other than 0
 
 
-def add_gap(results: dict):
-    """Each record's 'gap': validation error minus training-split error (needs evaluate=('train',))."""
+GAP_COLUMNS = {"training-split error": "train_top1_error", "gap (points)": "gap"}  # error_table's extra columns
+
+
+def add_gap(results: dict) -> dict:
+    """Each record's 'gap': validation error minus training-split error (needs evaluate=('train',));
+    returns each variant's mean gap over the seeds that did not diverge, in points."""
     for runs in results.values():
         for r in runs:
             r["gap"] = r["top1_error"] - r["train_top1_error"]
+    return {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
 
 
 def finite(values) -> np.ndarray:
@@ -196,6 +201,14 @@ def band(runs: list[dict], key: str) -> tuple:
     n = min(len(r[f"{key}_curve"]) for r in kept)
     curves = np.array([r[f"{key}_curve"][:n] for r in kept]).reshape(len(kept), n) * 100
     return kept[0][f"{key}_steps"][:n], curves.mean(0), curves.min(0), curves.max(0)
+
+
+PANEL_TITLES = {"val": "validation error", "train": "training error (logged, as trained)"}
+
+
+def panels(results: dict, *keys: str) -> dict:
+    """`viz.plot_curves` panels: one per curve key ('val', 'train'), a line per variant."""
+    return {PANEL_TITLES[key]: {v: band(runs, key) for v, runs in results.items()} for key in keys}
 
 
 def compare_errors(results: dict, better: str, worse: str, paper: tuple[float, float], scale: str) -> Verdict:

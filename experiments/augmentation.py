@@ -14,6 +14,7 @@ cores (12 runs of 600 steps, each evaluated twice more; measured 12 min 16 s).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 from ml_collections import config_dict
@@ -45,13 +46,12 @@ def run_all(config, workdir) -> dict:
     # "over 1%" against the paper's one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
     verdict = _compare.compare_errors(results, "crops + PCA noise", "crops", (38.5, 37.5), _compare.scale_of(config))
     crops = _compare.compare_errors(results, "crops", "neither", (1.0, 1.0), "")  # no number in the paper: ours only
-    verdict = _compare.Verdict(ours=verdict.ours, verdict=verdict.verdict, scale=verdict.scale,
-                               why=f"{verdict.why}. Crops against neither: {crops.ours}")
+    verdict = dataclasses.replace(verdict, why=f"{verdict.why}. Crops against neither: {crops.ours}")
     table = _compare.error_table(results, {"ten-crop error": f"{config.eval_split}_ten_crop_top1_error",
-                                           "training-split error": "train_top1_error", "gap (points)": "gap"})
+                                           **_compare.GAP_COLUMNS})
     table.append(f"\nTen-crop evaluation reads the same checkpoints as the centre crop; without crops in training "
                  f"(resize_size = input_size = {config.input_size}) the ten patches differ only by mirroring.")
-    panels = {"validation error": {v: _compare.band(runs, "val") for v, runs in results.items()}}
+    panels = _compare.panels(results, "val")
     return _compare.write_results(root, "augmentation", config, CLAIM, verdict, results, table, panels,
                                   title=f"Crops and PCA colour noise: {config.model_name} on {config.dataset}")
 

@@ -37,13 +37,12 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
     if not results:
         return _compare.NOTHING
-    _compare.add_gap(results)
+    gaps = _compare.add_gap(results)
     for runs in results.values():
         for r in runs:
             r["steps_to_converge"] = (None if r["diverged"] else
                                       _compare.first_below(r["train_steps"], r["train_curve"], level))
     steps = {v: [r["steps_to_converge"] for r in runs if r["steps_to_converge"]] for v, runs in results.items()}
-    gaps = {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
     everyone = all(r["steps_to_converge"] for runs in results.values() for r in runs)
     ratio = np.mean(steps["dropout 0.5"]) / np.mean(steps["no dropout"]) if everyone else float("nan")
     less_overfit = gaps["dropout 0.5"] < gaps["no dropout"]
@@ -58,11 +57,10 @@ def run_all(config, workdir) -> dict:
     steps_text = f"{ratio:.1f}x the steps" if everyone else "steps: n/a"
     verdict = _compare.Verdict(ours=f"{steps_text}; gap {gaps['no dropout']:.1f} -> {gaps['dropout 0.5']:.1f} points",
                                verdict=kind, why=why, scale=_compare.scale_of(config))
-    table = [*_compare.error_table(results, {"training-split error": "train_top1_error", "gap (points)": "gap"}), "",
+    table = [*_compare.error_table(results, _compare.GAP_COLUMNS), "",
              f"| variant | steps to {level:.0%} training error (per seed) |", "|---|---|"]
     table += [f"| {v} | {', '.join(str(r['steps_to_converge'] or f'>{budget}') for r in runs)} |" for v, runs in results.items()]
-    panels = {"training error (logged, as trained)": {v: _compare.band(runs, "train") for v, runs in results.items()},
-              "validation error": {v: _compare.band(runs, "val") for v, runs in results.items()}}
+    panels = _compare.panels(results, "train", "val")
     return _compare.write_results(root, "dropout", config, CLAIM, verdict, results, table, panels,
                                   title=f"With and without dropout: {config.model_name} on {config.dataset}")
 

@@ -41,8 +41,8 @@ def run_all(config, workdir) -> dict:
     if not results:
         return _compare.NOTHING
     verdict = _compare.compare_errors(results, "with LRN", "without LRN", (13.0, 11.0), _compare.scale_of(config))
-    panels = {"validation error": {v: _compare.band(runs, "val") for v, runs in results.items()}}
-    return _compare.write_results(root, "lrn", config, CLAIM, verdict, results, _compare.error_table(results), panels,
+    return _compare.write_results(root, "lrn", config, CLAIM, verdict, results, _compare.error_table(results),
+                                  _compare.panels(results, "val"),
                                   title=f"With and without LRN: {config.model_name} on {config.dataset}",
                                   ylabel="validation top-1 error (%)")
 

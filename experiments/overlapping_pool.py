@@ -12,9 +12,9 @@ each evaluated on the training split; measured 7 min 20 s).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
-import numpy as np
 from ml_collections import config_dict
 
 from experiments import _compare, _run
@@ -35,23 +35,20 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
     if not results:
         return _compare.NOTHING
-    _compare.add_gap(results)
+    gaps = _compare.add_gap(results)
     # the paper's 0.4 points against its one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
     verdict = _compare.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", (37.9, 37.5),
                                       _compare.scale_of(config))
-    gaps = {v: np.nanmean([r["gap"] for r in runs]) * 100 for v, runs in results.items()}
     over, non = (_compare.finite([r["gap"] for r in results[v]]) for v in VARIANTS)
     apart = len(over) and len(non) and over.max() < non.min()
-    verdict = _compare.Verdict(
-        ours=verdict.ours, verdict=verdict.verdict, scale=verdict.scale,
-        why=f"{verdict.why}. Train/validation gap: {gaps['overlapping 3/2']:.1f} points overlapping, "
+    verdict = dataclasses.replace(
+        verdict, why=f"{verdict.why}. Train/validation gap: {gaps['overlapping 3/2']:.1f} points overlapping, "
             f"{gaps['non-overlapping 2/2']:.1f} non-overlapping "
             f"({'less' if gaps['overlapping 3/2'] < gaps['non-overlapping 2/2'] else 'not less'} overfitting on average; "
             f"the seeds' gaps {'do not overlap' if apart else 'overlap'})")
-    table = _compare.error_table(results, {"training-split error": "train_top1_error", "gap (points)": "gap"})
-    panels = {"validation error": {v: _compare.band(runs, "val") for v, runs in results.items()},
-              "training error (logged, as trained)": {v: _compare.band(runs, "train") for v, runs in results.items()}}
-    return _compare.write_results(root, "overlapping_pool", config, CLAIM, verdict, results, table, panels,
+    table = _compare.error_table(results, _compare.GAP_COLUMNS)
+    return _compare.write_results(root, "overlapping_pool", config, CLAIM, verdict, results, table,
+                                  _compare.panels(results, "val", "train"),
                                   title=f"Overlapping against non-overlapping pooling: {config.model_name} on {config.dataset}")
 
 

@@ -70,8 +70,7 @@ def run_all(config, workdir) -> dict:
              f"{mean['resnet20_cifar']:.1f}% -> {mean['resnet56_cifar']:.1f}% (20 -> 56 layers)",
         verdict=kind, why=why, scale=_compare.scale_of(config))
     table = _compare.error_table(results, {f"training error (last {tail} logs)": "final_training_error"})
-    panels = {"training error (logged, as trained)": {n: _compare.band(results[n], "train") for n in NETS},
-              "validation error": {n: _compare.band(results[n], "val") for n in NETS}}
+    panels = _compare.panels({n: results[n] for n in NETS}, "train", "val")
     return _compare.write_results(root, "plain_vs_residual", config, CLAIM, verdict, results, table, panels,
                                   title=f"Plain against residual networks of 20 and 56 layers, on {config.dataset}")
 

@@ -85,7 +85,7 @@ def run_all(config, workdir) -> dict:
     verdict = _compare.Verdict(
         ours=f"tanh needs {ratio:.1f}x the steps" if reached else "n/a", verdict=kind, why=why,
         scale=f"{_compare.scale_of(config)}, learning rate per activation from {list(e.learning_rates)}")
-    panels = {"training error (logged, as trained)": {best[a]: _compare.band(results[best[a]], "train") for a in ACTIVATIONS}}
+    panels = _compare.panels({best[a]: results[best[a]] for a in ACTIVATIONS}, "train")
     return _compare.write_results(root, "relu_vs_tanh", config, CLAIM, verdict, results, table, panels,
                                   title=f"ReLU against tanh: {config.model_name} on {config.dataset}",
                                   ylabel="training top-1 error (%)")

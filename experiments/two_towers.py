@@ -57,9 +57,8 @@ def run_all(config, workdir) -> dict:
     # 1.7 points against the paper's one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
     verdict = _compare.compare_errors(results, "two towers", "one tower, half the kernels", (39.2, 37.5),
                                       f"{_compare.scale_of(config)}, {jax.device_count()} devices")
-    panels = {"validation error": {v: _compare.band(runs, "val") for v, runs in results.items()}}
     return _compare.write_results(root, "two_towers", config, CLAIM, verdict, results, _compare.error_table(results),
-                                  panels, title=f"Two towers against one with half the kernels, on {config.dataset}")
+                                  _compare.panels(results, "val"), title=f"Two towers against one with half the kernels, on {config.dataset}")
 
 
 if __name__ == "__main__":
