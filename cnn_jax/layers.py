@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 
+def wide(x):
+    """`x` in at least float32: bfloat16 sums, statistics and logits in float32, while a
+    float64 evaluation (the tests' reference) stays float64 throughout."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class GeometryError(ValueError):
     """A window layer whose kernel, stride and padding do not tile its input exactly."""
 
@@ -193,11 +199,11 @@ def _max_pool_jvp(window, strides, pads, primals, tangents):
 
 
 class AvgPool(_Pool):
-    """Average pooling; padded cells are not counted (`count_include_pad=False`). Sums in float32."""
+    """Average pooling; padded cells are not counted (`count_include_pad=False`). Sums in at least float32."""
 
     def __call__(self, x):
         # Summed in float32: a bfloat16 sum of a 7x7 window keeps 8 bits of mantissa.
-        return nn.avg_pool(x.astype(jnp.float32), **self._checked(x), count_include_pad=False).astype(x.dtype)
+        return nn.avg_pool(wide(x), **self._checked(x), count_include_pad=False).astype(x.dtype)
 
 
 class LocalResponseNorm(nn.Module):
@@ -221,13 +227,13 @@ class LocalResponseNorm(nn.Module):
 
     def __call__(self, x):
         h = self.size // 2
-        sq = jnp.square(x.astype(jnp.float32))
+        sq = jnp.square(wide(x))
         if self.within_channel:
             window, pad = (1, 2 * h + 1, 2 * h + 1, 1), ((0, 0), (h, h), (h, h), (0, 0))
         else:
             window, pad = (1, 1, 1, 2 * h + 1), ((0, 0), (0, 0), (0, 0), (h, h))
         total = jax.lax.reduce_window(sq, 0.0, jax.lax.add, window, (1, 1, 1, 1), pad)
-        out = x.astype(jnp.float32) * _negative_power(self.k + self.alpha * total, self.beta)
+        out = wide(x) * _negative_power(self.k + self.alpha * total, self.beta)
         return out.astype(x.dtype)
 
 
@@ -313,14 +319,18 @@ class BatchNorm(nn.Module):
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
+    @property
+    def _stats_dtype(self):
+        return jnp.promote_types(self.param_dtype, jnp.float32)
+
     @nn.compact
     def __call__(self, x):
         features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype).astype(jnp.float32)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype).astype(jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
-        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), self._stats_dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), self._stats_dtype))
+        x32 = wide(x)
         if self.use_running_average:
             y = (x32 - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
         else:

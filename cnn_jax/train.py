@@ -90,11 +90,12 @@ def loss_and_metrics(state: TrainState, params, batch, rng, aux_weight: float):
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight: float = 0.3,
                axis_name: str | None = None):
-    """One optimiser step on a uint8 batch. Pure: jit it with the state donated.
+    """One optimiser step. Pure: jit it with the state donated.
 
-    `prep` (`data.augment.Preprocessor`) turns the stored squares into the network's input
-    on the device: mean subtraction, random crop and mirror, PCA colour noise. Its draws and
-    the dropout masks both come from `fold_in(rng, step)`.
+    `prep` (`data.augment.Preprocessor`) turns a uint8 batch of stored squares into the
+    network's input on the device: mean subtraction, random crop and mirror, PCA colour
+    noise. With `prep=None`, `batch['image']` is the network's input as given (your own float
+    arrays). The preprocessor's draws and the dropout masks come from `fold_in(rng, step)`.
     `axis_name`: only under `pmap`, where each device holds a slice of the batch; gradients,
     metrics and batch-norm statistics are then averaged over that axis.
     """
@@ -102,7 +103,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight:
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     augment_key, dropout_key = jax.random.split(rng)
-    batch = {**batch, "image": prep.train(batch["image"], augment_key)}
+    if prep is not None:
+        batch = {**batch, "image": prep.train(batch["image"], augment_key)}
     grad_fn = jax.grad(loss_and_metrics, argnums=1, has_aux=True)
     grads, (stats, updates) = grad_fn(state, state.params, batch, dropout_key, aux_weight)
     if axis_name is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import BatchNorm, Conv, LocalResponseNorm, MaxPool, checks_geometry
+from cnn_jax.layers import BatchNorm, Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import register
 
 # (name, features, kernel, stride, padding); LRN + pool follow conv1 and conv2, pool follows conv5.
@@ -93,7 +93,7 @@ class AlexNet(nn.Module):
         for name in ("fc6", "fc7"):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
             x = nn.relu(self._dense(x, self.fc_units, name))
-        return self._dense(x, self.num_classes, "fc8").astype(jnp.float32)
+        return wide(self._dense(x, self.num_classes, "fc8"))
 
 
 def scaled(features: int, factor: float) -> int:
@@ -145,4 +145,4 @@ class AlexNetBN(nn.Module):
             x = nn.relu(nn.Dense(features, name=name, **kw)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
             x = self._bn(x, f"bn{name[-1]}", train)
-        return nn.Dense(self.num_classes, name="fc9", **kw)(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, name="fc9", **kw)(x))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.sharding import PartitionSpec as P
 
-from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry
+from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import register
 from cnn_jax.models.alexnet import initializers, scaled
 
@@ -115,7 +115,7 @@ class AlexNetTowers(nn.Module):
         x = self._dense(self._gather(x, "fc8"), self.num_classes // self.towers, "fc8")
         with jax.named_scope("tower_gather_logits"):
             logits = self.tower_combine(x) if self.tower_combine is not None else concat_towers(x)
-        return logits.astype(jnp.float32)
+        return wide(logits)
 
 
 def concat_towers(x):

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry
+from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import register
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
@@ -56,4 +56,4 @@ class ConvNet4(nn.Module):
         for i, units in enumerate(self.hidden, start=1):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{i}")(x)
             x = act(nn.Dense(units, name=f"fc_hidden{i}", **kw)(x))
-        return nn.Dense(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, name="fc", **kw)(x))

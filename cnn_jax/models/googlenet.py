@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import AvgPool, Conv, LocalResponseNorm, MaxPool, checks_geometry, lrn_from_caffe
+from cnn_jax.layers import AvgPool, Conv, LocalResponseNorm, MaxPool, checks_geometry, lrn_from_caffe, wide
 from cnn_jax.models import register
 
 # name: (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) -- the paper's table 1.
@@ -58,6 +58,7 @@ class Inception(nn.Module):
 
 class AuxHead(nn.Module):
     num_classes: int
+    dropout_rate: float = 0.7
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -67,8 +68,8 @@ class AuxHead(nn.Module):
         x = AvgPool(5, 3, name="pool")(x)
         x = nn.relu(_conv(128, 1, "conv", **kw)(x)).reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(1024, name="fc1", **kw)(x))
-        x = nn.Dropout(0.7, deterministic=not train, name="drop")(x)
-        return nn.Dense(self.num_classes, name="fc2", **kw)(x).astype(jnp.float32)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop")(x)
+        return wide(nn.Dense(self.num_classes, name="fc2", **kw)(x))
 
 
 @register("googlenet")
@@ -79,6 +80,7 @@ class GoogLeNet(nn.Module):
     num_classes: int = 1000
     aux_heads: bool = True
     dropout_rate: float = 0.4
+    aux_dropout_rate: float = 0.7  # the paper's auxiliary heads drop 70% of fc1's outputs
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -99,10 +101,10 @@ class GoogLeNet(nn.Module):
                 x = MaxPool(3, 2, padding="SAME", name=f"pool{int(name[0]) - 1}")(x)
             x = Inception(widths, name=f"inception{name}", **kw)(x)
             if heads and name in AUX_AFTER:
-                aux.append(AuxHead(self.num_classes, name=AUX_AFTER[name], **kw)(x, train=train))
+                aux.append(AuxHead(self.num_classes, self.aux_dropout_rate, name=AUX_AFTER[name], **kw)(x, train=train))
         x = AvgPool(x.shape[1], 1, name="avgpool")(x).reshape(x.shape[0], -1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop")(x)
-        logits = nn.Dense(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
+        logits = wide(nn.Dense(self.num_classes, name="fc", **kw)(x))
         return {"logits": logits, "aux_logits": tuple(aux)} if train and aux else logits
 
 

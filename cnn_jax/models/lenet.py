@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from cnn_jax.layers import Conv, MaxPool, check_window, checks_geometry
+from cnn_jax.layers import Conv, MaxPool, check_window, checks_geometry, wide
 from cnn_jax.models import register
 
 # Which S2 maps feed each C3 map (table I of the paper).
@@ -75,7 +75,7 @@ class Subsample(nn.Module):
         channels = x.shape[-1]
         coefficient = self.param("coefficient", lecun_uniform(4), (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        pooled = nn.avg_pool(x.astype(jnp.float32), (2, 2), (2, 2)).astype(x.dtype)
+        pooled = nn.avg_pool(wide(x), (2, 2), (2, 2)).astype(x.dtype)
         return pooled * 4.0 * coefficient.astype(x.dtype) + bias.astype(x.dtype)
 
 
@@ -147,7 +147,7 @@ class LeNet5(_LeNet):
         x = x.reshape(x.shape[0], -1)
         x = squash(nn.Dense(84, dtype=self.dtype, param_dtype=self.param_dtype,
                             kernel_init=lecun_uniform(), name="F6")(x))
-        return -EuclideanRBF(name="output")(x.astype(jnp.float32))
+        return -EuclideanRBF(name="output")(wide(x))
 
 
 @register("lenet5_modern")
@@ -164,5 +164,5 @@ class LeNet5Modern(_LeNet):
         x = MaxPool(2, 2, name="S4")(nn.relu(Conv(16, (5, 5), name="C3", **conv)(x)))
         x = nn.relu(Conv(120, (5, 5), name="C5", **conv)(x)).reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(84, dtype=self.dtype, param_dtype=self.param_dtype, name="F6")(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="output")(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="output")(x))

@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, one_by_one_as_product
+from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, one_by_one_as_product, wide
 from cnn_jax.models import register
 
 
@@ -126,8 +126,8 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and b == 0 else 1
                 x = block_cls(width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="fc")(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="fc")(x))
 
 
 _IMAGENET = {"18": ((2, 2, 2, 2), "basic"), "34": ((3, 4, 6, 3), "basic"), "50": ((3, 4, 6, 3), "bottleneck"),

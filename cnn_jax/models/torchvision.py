@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool
+from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool, wide
 from cnn_jax.models import register
 from cnn_jax.models.googlenet import MODULES
 
@@ -27,7 +27,7 @@ from cnn_jax.models.googlenet import MODULES
 def adaptive_avg_pool(x, size: int):
     """PyTorch's `adaptive_avg_pool2d` to size x size on NHWC `x`: output cell i averages
     input rows floor(i*H/size) to ceil((i+1)*H/size), and the same for columns (float32 sums)."""
-    dtype, x = x.dtype, x.astype(jnp.float32)
+    dtype, x = x.dtype, wide(x)
     for axis in (1, 2):
         n = x.shape[axis]
         if n == size:
@@ -86,7 +86,7 @@ class AlexNetTorchvision(nn.Module):
         for name in ("fc6", "fc7"):
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
             x = nn.relu(nn.Dense(4096, name=name, **kw)(x))
-        return nn.Dense(self.num_classes, name="fc8", **kw)(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, name="fc8", **kw)(x))
 
 
 class BasicConv(nn.Module):
@@ -134,7 +134,7 @@ class AuxTorchvision(nn.Module):
         x = BasicConv(128, name="conv", **kw)(adaptive_avg_pool(x, 4), train).reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(1024, name="fc1", **kw)(x))
         x = nn.Dropout(0.7, deterministic=not train, name="drop")(x)
-        return nn.Dense(self.num_classes, name="fc2", **kw)(x).astype(jnp.float32)
+        return wide(nn.Dense(self.num_classes, name="fc2", **kw)(x))
 
 
 # torchvision's widths are the paper's table 1, `googlenet.MODULES` (its "5x5" column holds
@@ -180,7 +180,7 @@ class GoogLeNetTorchvision(nn.Module):
             x = InceptionTorchvision(widths, name=f"inception{name}", **kw)(x, train)
             if heads and name in _AUX_AFTER:
                 aux.append(AuxTorchvision(self.num_classes, name=_AUX_AFTER[name], **kw)(x, train))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        x = jnp.mean(wide(x), axis=(1, 2)).astype(self.dtype)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="drop")(x)
-        logits = nn.Dense(self.num_classes, name="fc", **kw)(x).astype(jnp.float32)
+        logits = wide(nn.Dense(self.num_classes, name="fc", **kw)(x))
         return {"logits": logits, "aux_logits": tuple(aux)} if train and aux else logits

@@ -15,7 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import flax.linen as nn
 
-from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry
+from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, wide
 from cnn_jax.models import register
 
 # Convolutions per block (each block ends in a 2x2 max pool); widths 64, 128, 256, 512, 512.
@@ -59,7 +59,7 @@ class VGG(nn.Module):
         for name in ("fc6", "fc7"):
             x = nn.relu(dense(4096, name=name)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop{name[-1]}")(x)
-        return dense(self.num_classes, name="fc8")(x).astype(jnp.float32)
+        return wide(dense(self.num_classes, name="fc8")(x))
 
 
 for _depth, _config in (("11", "A"), ("13", "B"), ("16", "D"), ("19", "E")):
