@@ -59,9 +59,11 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
 
-# XLA:CPU hands matrix products to YNNPACK by default (jaxlib 0.10); on a 2-core AVX-512
-# machine Eigen's kernels ran AlexNet's train step 27% faster (24.9 -> 31.7 images/s, batch
-# 32, `python -m benchmarks.train_step`). Set per compiled function, never process-wide.
+# XLA:CPU hands matrix products to YNNPACK by default (jaxlib 0.9-0.10), with wrong convolution
+# gradients in some fusions; `cnn_jax.xla_flags` turns that off process-wide at import. The
+# compiled steps ask for it again here, which holds even when the backend started before
+# cnn_jax was imported. Eigen's kernels were also 27% faster for AlexNet's step (2-core
+# AVX-512 machine, `python -m benchmarks.train_step`).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
