@@ -13,8 +13,9 @@ its largest float64 update.
   counterpart computes the same function. AlexNet and LeNet-5 miss it (strict xfail, with
   the numbers); VGG, the ResNets and GoogLeNet await counterparts (see below).
 - The fault: AlexNet at 227x227, through pmap, a plain jax.jit and the two-tower mesh,
-  within 1e-4 (float32 here: 2.8e-5; XLA:CPU's YNNPACK fusions in jaxlib 0.9-0.10: 1.3e-2,
-  and they show at 227, not at 67-195). It fails when `cnn_jax.xla_flags` is not applied.
+  within 1e-4 (float32 here: 2.8e-5; with XLA:CPU's YNNPACK fusions of jaxlib 0.9-0.10,
+  3.4e-3 at conv3 through pmap and plain jit; they show at 227, not at 67-195). It fails
+  when `cnn_jax.xla_flags` is not applied.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def test_first_update_matches_float64(name, path):
     _check(deviations(project_update(name, path), float64_update(name, shards)), tolerance, f"{name} via {path}")
 
 
-FAULT = 1e-4  # float32 here is within 2.8e-5; XLA:CPU's YNNPACK fusions (jaxlib 0.9-0.10) 1.3e-2
+FAULT = 1e-4  # float32 here is within 2.8e-5; XLA:CPU's YNNPACK fusions (jaxlib 0.9-0.10) 3.4e-3
 
 
 @pytest.mark.parametrize("path", ("pmap_runner", "own_jit", "tower_mesh"))
