@@ -216,7 +216,7 @@ class LocalResponseNorm(nn.Module):
     `alpha` is *not* divided by the window size, as in the paper and TensorFlow; PyTorch and
     Caffe divide it by n (or n^2 within a channel). Use `lrn_from_pytorch`,
     `lrn_from_tensorflow` or `lrn_from_caffe` to carry their settings over unchanged.
-    Computed in float32 whatever the input dtype: the squares underflow in bfloat16.
+    Computed in at least float32 (`wide`): the squares underflow in bfloat16.
     """
 
     size: int = 5
@@ -273,7 +273,7 @@ def channel_sums(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_normalise(x, scale, bias, epsilon):
-    """(y, mean, var) of float32 `x` over all axes but the last; y = (x - mean) / sqrt(var + eps) * scale + bias."""
+    """(y, mean, var) of `x` (at least float32) over all axes but the last; y = (x - mean) / sqrt(var + eps) * scale + bias."""
     return _batch_normalise_fwd(x, scale, bias, epsilon)[0]
 
 
@@ -305,7 +305,7 @@ class BatchNorm(nn.Module):
     the zoo uses (`use_running_average`, `momentum`, `epsilon`, dtypes, initialisers).
 
     The same variables ('params': scale, bias; 'batch_stats': mean, var), statistics
-    (biased variance, E[x^2] - E[x]^2, in float32 whatever `dtype`), running averages and
+    (biased variance, E[x^2] - E[x]^2, in at least float32 whatever `dtype`), running averages and
     output dtype; its sums are `channel_sums` products and its derivative is written out
     (reverse mode only: `jax.jvp` through it is refused). No cross-device `axis_name`:
     statistics are per device under `pmap`.
@@ -326,8 +326,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        scale = wide(self.param("scale", self.scale_init, (features,), self.param_dtype))
+        bias = wide(self.param("bias", self.bias_init, (features,), self.param_dtype))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), self._stats_dtype))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), self._stats_dtype))
         x32 = wide(x)

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnn_jax import xla_flags
+
 MODES = ("jit", "pmap")
 
 
@@ -64,7 +66,7 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
 # compiled steps ask for it again here, which holds even when the backend started before
 # cnn_jax was imported. Eigen's kernels were also 27% faster for AlexNet's step (2-core
 # AVX-512 machine, `python -m benchmarks.train_step`).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_COMPILER_OPTIONS = {xla_flags.YNN_FLAG.removeprefix("--"): ""}
 
 
 @functools.cache

@@ -105,6 +105,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight:
     augment_key, dropout_key = jax.random.split(rng)
     if prep is not None:
         batch = {**batch, "image": prep.train(batch["image"], augment_key)}
+    elif not jnp.issubdtype(batch["image"].dtype, jnp.floating):
+        raise TypeError(f"train_step(prep=None) takes the network's input as floats, not {batch['image'].dtype} "
+                        "images: convert and normalise them first, or pass a preprocessor "
+                        "(cnn_jax.data.augment.make_preprocessor)")
     grad_fn = jax.grad(loss_and_metrics, argnums=1, has_aux=True)
     grads, (stats, updates) = grad_fn(state, state.params, batch, dropout_key, aux_weight)
     if axis_name is not None:

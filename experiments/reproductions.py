@@ -61,12 +61,13 @@ def render(docs: pathlib.Path, image_prefix: str = "docs/reproductions/") -> str
     return "\n".join([*rows, "", *images])
 
 
-def rewrite(readme: pathlib.Path, table: str) -> str:
+def rewrite(readme: pathlib.Path, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """The README's text with `table` between the markers `begin` and `end`."""
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers: add them where the table goes")
-    head, rest = text.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}"
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme} has no {begin} ... {end} markers: add them where the table goes")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}"
 
 
 def main(argv=None) -> int:

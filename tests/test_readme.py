@@ -19,3 +19,15 @@ def test_readme_opens_with_two_commands():
 def test_ci_runs_the_readme_test_command():
     _, tests = readme_commands()
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_gradient_table_is_rendered_from_its_json():
+    import json
+
+    from experiments.reproductions import rewrite
+    from tools import gradient_report
+
+    data = json.loads((ROOT / "docs" / "gradients.json").read_text())
+    assert set(data["results"]) == set(gradient_report.tg.SPECS)  # every family measured
+    readme = ROOT / "README.md"
+    assert rewrite(readme, gradient_report.render(data), gradient_report.BEGIN, gradient_report.END) == readme.read_text()

@@ -206,3 +206,11 @@ def test_a_step_that_returns_only_when_done_counts_as_work_not_data_wait():
     wait = clock.take()
     clock.close()
     assert wait < 0.1, wait
+
+
+def test_train_step_without_a_preprocessor_refuses_integer_images():
+    model = get_model("lenet5_modern")
+    state = train.create_train_state(jax.random.key(0), model, optim.paper_sgd(0.01), (32, 32, 1))
+    batch = {"image": np.zeros((2, 32, 32, 1), np.uint8), "label": np.zeros(2, np.int32)}
+    with pytest.raises(TypeError, match=r"prep=None.*uint8.*make_preprocessor"):
+        train.train_step(state, batch, jax.random.key(1), None)

@@ -1,0 +1,88 @@
+"""Per family and path, how far the first update of `train_step` is from float64.
+
+    python -m tools.gradient_report                  # every family: docs/gradients.json, README table
+    python -m tools.gradient_report --families lenet5 --out /tmp/g.json   # some, elsewhere
+
+Uses the references of `tests/test_gradients.py` (float64 JAX; float32 and float64 PyTorch
+where a counterpart exists) and records, for every family the tests know, the largest layer
+deviation through each path and float32 PyTorch's own, with the layer it occurs in. The
+tests judge the families they can; this measures all of them. Needs the `[dev]` extra (and
+`torch` for the PyTorch column); about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts: the meshes need 2
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+from benchmarks.train_step import machine as describe_machine  # noqa: E402
+from experiments.reproductions import rewrite  # noqa: E402
+from tests import test_gradients as tg  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- gradients: begin -->", "<!-- gradients: end -->"
+COLUMNS = {"jit_runner": "jit runner", "pmap_runner": "pmap runner", "own_jit": "plain `jax.jit`",
+           "tower_mesh": "two-tower mesh", "pytorch_float32": "float32 PyTorch"}
+
+
+def worst(found: dict[str, float]) -> tuple[str, float]:
+    layer = max(found, key=found.get)
+    return layer, found[layer]
+
+
+def measure(name: str) -> dict:
+    paths = ("tower_mesh",) if name == "alexnet_2tower" else tg.PATHS
+    row = {}
+    for path in paths:
+        shards = 2 if path == "pmap_runner" else 1
+        row[path] = worst(tg.deviations(tg.project_update(name, path), tg.float64_update(name, shards)))
+    if name in tg.TORCH_LAYOUTS and importlib.util.find_spec("torch"):
+        row["pytorch_float32"] = worst(tg.deviations(tg.torch_update(name, "float32"), tg.torch_update(name, "float64")))
+    return row
+
+
+def render(data: dict) -> str:
+    """The Markdown table of a report: one row a family, one column a path."""
+    rows = [f"| family (input) | {' | '.join(COLUMNS.values())} |", "|---|" + "---:|" * len(COLUMNS)]
+    for name, found in data["results"].items():
+        cells = [f"{found[k][1]:.1e} ({found[k][0]})" if k in found else "" for k in COLUMNS]
+        rows.append(f"| `{name}` ({tg.SPECS[name][1][0]}) | {' | '.join(cells)} |")
+    return "\n".join([*rows, "", f"Measured with {data['machine']}."])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m tools.gradient_report", description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(tg.SPECS), help="comma-separated names")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "gradients.json")
+    args = parser.parse_args(argv)
+    names = [n for n in args.families.split(",") if n]
+    unknown = sorted(set(names) - set(tg.SPECS))
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {', '.join(tg.SPECS)}")
+    info = describe_machine()
+    machine = f"jax {info['jax']}, Python {info['python']}, {info['cpus']} cores ({info['processor']}), {info['date']}"
+    print(machine, flush=True)
+    results = {}
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} {tg.SPECS[name][1]} ...", flush=True)
+        results[name] = measure(name)
+        for what, (layer, value) in results[name].items():
+            print(f"    {COLUMNS[what]:16s} {value:.1e}  ({layer})", flush=True)
+    data = {"machine": machine, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.out.resolve() == (ROOT / "docs" / "gradients.json").resolve() and set(names) == set(tg.SPECS):
+        (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
+        print("wrote the table to README.md")
+
+
+if __name__ == "__main__":
+    main()
