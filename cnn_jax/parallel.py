@@ -61,26 +61,16 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
 
-# XLA:CPU hands matrix products to YNNPACK by default (jaxlib 0.9-0.10), with wrong convolution
-# gradients in some fusions; `cnn_jax.xla_flags` turns that off process-wide at import. The
-# compiled steps ask for it again here, which holds even when the backend started before
-# cnn_jax was imported. Eigen's kernels were also 27% faster for AlexNet's step (2-core
-# AVX-512 machine, `python -m benchmarks.train_step`).
+# The fix of `cnn_jax.xla_flags` (YNNPACK fusions off) again, per compiled step: it holds even
+# when the backend started before cnn_jax was imported. Only on the jaxlibs that need it.
 CPU_COMPILER_OPTIONS = {xla_flags.YNN_FLAG.removeprefix("--"): ""}
 
 
 @functools.cache
 def compiler_options(backend: str | None = None) -> dict | None:
-    """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's).
-
-    CPU: `CPU_COMPILER_OPTIONS`, when this jaxlib knows them (an option it does not know is
-    an error at compile time, so it is tried once on a tiny function); elsewhere none.
-    """
-    if (backend or jax.default_backend()) != "cpu":
-        return None
-    try:
-        jax.jit(lambda x: x @ x, compiler_options=CPU_COMPILER_OPTIONS).lower(jnp.ones((2, 2))).compile()
-    except Exception:  # noqa: BLE001 - any refusal means: compile with XLA's defaults
+    """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's):
+    `CPU_COMPILER_OPTIONS` on a CPU where `xla_flags.fix_wanted()`; else none."""
+    if (backend or jax.default_backend()) != "cpu" or not xla_flags.fix_wanted():
         return None
     return dict(CPU_COMPILER_OPTIONS)
 
