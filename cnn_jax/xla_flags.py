@@ -48,9 +48,10 @@ def needs_fix(jaxlib: tuple[int, ...]) -> bool:
 
 
 def fix_wanted(environ=os.environ) -> bool:
-    """This process should turn YNNPACK fusions off: its jaxlib needs it, and
-    `CNN_JAX_KEEP_XLA_DEFAULTS=1` does not ask for XLA's defaults."""
-    return environ.get(KEEP_DEFAULTS) != "1" and needs_fix(jaxlib_version())
+    """This process should turn YNNPACK fusions off: its jaxlib needs it, neither
+    `CNN_JAX_KEEP_XLA_DEFAULTS=1` nor a value of the flag set by hand in XLA_FLAGS says otherwise."""
+    chosen = re.search(rf"{YNN_FLAG}=(\S*)", environ.get("XLA_FLAGS", ""))
+    return environ.get(KEEP_DEFAULTS) != "1" and not (chosen and chosen.group(1)) and needs_fix(jaxlib_version())
 
 
 def flags_with_fix(flags: str, jaxlib: tuple[int, ...]) -> str:

@@ -20,6 +20,7 @@ def test_fix_is_not_added_where_it_is_not_needed_unknown_or_overridden():
     assert xla_flags.flags_with_fix("", ()) == ""  # no jaxlib installed
     chosen = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert xla_flags.flags_with_fix(chosen, (0, 10)) == chosen
+    assert not xla_flags.fix_wanted({"XLA_FLAGS": chosen})  # nor do the compiled steps override it
 
 
 def test_this_process_runs_with_the_fix_where_its_jaxlib_needs_it():
