@@ -15,12 +15,14 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
 from cnn_jax import checks
 from cnn_jax.checks import ConfigError
 from cnn_jax.data.sources import DatasetError
+from cnn_jax.models import list_models, model_defaults
 from cnn_jax.data.store import StoreError
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
 from cnn_jax.transfer import TransferError
@@ -135,10 +137,45 @@ def check_keys(argv, known):
             raise ConfigError(f"unknown config key --config.{key}{hint} (keys: {', '.join(sorted(known))})")
 
 
+def _flag_value(argv, key: str) -> str | None:
+    """The value of --config.<key> on the command line (the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith(f"--config.{key}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--config.{key}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def declare_model_fields(config, argv):
+    """Declares, with the model's defaults, the fields of the chosen model that the command
+    line sets and the experiment does not list, so that --config.model.<field> reaches any
+    field of any model; a field the model lacks is a one-line error naming its fields."""
+    name = _flag_value(argv, "model_name") or config.model_name
+    if name not in list_models():
+        return config  # check_model names the unknown model
+    defaults = model_defaults(name)
+    for key in filter(None, map(_given_key, argv[1:])):
+        field = key.removeprefix("model.")
+        if key == field or field in config.model or field == "num_classes":
+            continue
+        if field not in defaults:
+            raise ConfigError(f"--config.model.{field}: model {name!r} has no field {field!r}; "
+                              f"its fields are {', '.join(sorted(defaults))}")
+        default = defaults[field]
+        if default is None:
+            raise ConfigError(f"--config.model.{field}: its default is None, which a flag cannot type; "
+                              f"set it in Python: get_model({name!r}, {field}=...)")
+        with config.unlocked():
+            config.model[field] = jnp.dtype(default).name if "dtype" in field else default
+    return config
+
+
 def parse_flags(get_config, argv) -> tuple[config_dict.ConfigDict, str | None, set[str]]:
     """(the config with the flags applied, --workdir, the config keys the command line set),
     parsed into a fresh FlagValues so that `main` can run more than once in a process."""
-    config = get_config()
+    config = declare_model_fields(get_config(), argv)
     check_keys(argv, [key for key, _ in _items(config)])
     fv = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", config, lock_config=True, flag_values=fv, sys_argv=list(argv))
@@ -162,6 +199,28 @@ def _processes(config) -> tuple[int, str]:
             config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
 
 
+def own_model_fields(config, written_for: str, given) -> tuple[config_dict.ConfigDict, dict]:
+    """(config, the fields dropped): an experiment's model fields are written for its own
+    model (`written_for`); another `--config.model_name` starts from that model's defaults,
+    plus the `--config.model.<field>` values given on the command line. Otherwise, say,
+    experiments.resnet's shortcut='A' (the CIFAR networks' option) would build resnet50 with
+    zero-padding shortcuts, not the paper's and torchvision's projections."""
+    if config.model_name == written_for:
+        return config, {}
+    kept = {k: v for k, v in config.model.items() if f"model.{k}" in given}
+    dropped = {k: v for k, v in config.model.items() if k not in kept}
+    with config.unlocked():
+        config.model = config_dict.ConfigDict(kept)
+    config.lock()
+    return config, dropped
+
+
+def _differs(field: str, value, default) -> bool:
+    if "dtype" in field and default is not None:
+        return jnp.dtype(value) != jnp.dtype(default)
+    return value != default
+
+
 def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, str]:
     """(config, workdir) from the command line, checked before anything is read or written.
 
@@ -170,6 +229,15 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
     data is read.
     """
     config, workdir, given = parse_flags(get_config, argv)
+    written_for = get_config().model_name
+    config, dropped = own_model_fields(config, written_for, given)
+    if config.model_name in list_models():  # an unknown name is check_model's error
+        defaults = model_defaults(config.model_name)
+        dropped = {k: v for k, v in dropped.items() if k not in defaults or _differs(k, v, defaults[k])}
+    if dropped:
+        shown = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
+        print(f"note: this experiment's model settings ({shown}) are for {written_for}; "
+              f"{config.model_name} keeps its own defaults (set a field with --config.model.<field>=...)")
     if config.smoke:
         config = smoke(config, given)
     checks.check_processes(config)

@@ -23,8 +23,8 @@ def get_config() -> config_dict.ConfigDict:
 
 
 def describe(c) -> str:
-    init = c.model.init_scheme
-    note = ("" if init == "paper" else
+    init = c.model.get("init_scheme")
+    note = ("" if init != "lecun" else
             f"\nnote: initialisation '{init}' (LeCun-normal, zero biases), not the paper's N(0, 0.01) "
             "with biases 1,\n      which stays at chance for 125+ steps on this data; "
             "--config.model.init_scheme=paper restores it.")

@@ -2,7 +2,8 @@
 
 Offline default: the paper's CIFAR network ResNet-20 (option A shortcuts) on the digits at
 32x32, 0.1 learning rate, weight decay 1e-4 on kernels; `--config.model_name=resnet50
---config.input_size=224 --config.model.shortcut=B` for the ImageNet family.
+--config.input_size=224` for the ImageNet family (its own option B shortcuts: this experiment's
+model settings are for resnet20_cifar only).
 """
 
 from ml_collections import config_dict

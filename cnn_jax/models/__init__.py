@@ -44,6 +44,16 @@ def _fields(factory) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
+def model_defaults(name: str) -> dict:
+    """{field: default} of the registered model `name` (a registered variant's own values
+    included), without num_classes: what a command line may set."""
+    _load_families()
+    factory = _REGISTRY[name]
+    cls, variant = getattr(factory, "func", factory), getattr(factory, "keywords", None) or {}
+    return {f.name: variant.get(f.name, f.default) for f in dataclasses.fields(cls)
+            if f.name not in ("parent", "name", "num_classes")}
+
+
 def get_model(name: str, **overrides) -> nn.Module:
     """Builds the registered model `name`, with dataclass fields replaced by `overrides`.
 
