@@ -33,9 +33,9 @@ class LRN(nn.Module):
 class AlexNet(nn.Sequential):
     """Krizhevsky et al. (2012); `towers=2` gives the two-GPU split as grouped convolutions:
     conv2, conv4 and conv5 see only their own tower, LRN runs per tower, conv3 and the fully
-    connected layers see both."""
+    connected layers see both. `pool5`: pool5's output size (6 at 227x227, 1 at 67x67)."""
 
-    def __init__(self, num_classes=1000, towers=1):
+    def __init__(self, num_classes=1000, towers=1, pool5=6):
         g = towers
         super().__init__(
             nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(), LRN(groups=g), nn.MaxPool2d(3, 2),
@@ -43,7 +43,7 @@ class AlexNet(nn.Sequential):
             nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
             nn.Conv2d(384, 384, 3, padding=1, groups=g), nn.ReLU(),
             nn.Conv2d(384, 256, 3, padding=1, groups=g), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Flatten(), nn.Dropout(0.5), nn.Linear(9216, 4096), nn.ReLU(),
+            nn.Flatten(), nn.Dropout(0.5), nn.Linear(256 * pool5 * pool5, 4096), nn.ReLU(),
             nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, num_classes))
 
 

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax import xla_flags
 
 MODES = ("jit", "pmap")
 
@@ -61,16 +60,24 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
 
-# The fix of `cnn_jax.xla_flags` (YNNPACK fusions off) again, per compiled step: it holds even
-# when the backend started before cnn_jax was imported. Only on the jaxlibs that need it.
-CPU_COMPILER_OPTIONS = {xla_flags.YNN_FLAG.removeprefix("--"): ""}
+# XLA:CPU hands matrix products to YNNPACK by default (jaxlib 0.9 and later); Eigen's kernels
+# were 27% faster for AlexNet's step (2-core AVX-512 machine, `python -m benchmarks.train_step`).
+# A rounding choice, not a correctness one: both agree with float64 to float32's precision.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
 def compiler_options(backend: str | None = None) -> dict | None:
-    """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's):
-    `CPU_COMPILER_OPTIONS` on a CPU where `xla_flags.fix_wanted()`; else none."""
-    if (backend or jax.default_backend()) != "cpu" or not xla_flags.fix_wanted():
+    """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's).
+
+    CPU: `CPU_COMPILER_OPTIONS`, when this jaxlib knows them (an option it does not know is
+    an error at compile time, so it is tried once on a tiny function); elsewhere none.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x @ x, compiler_options=CPU_COMPILER_OPTIONS).lower(jnp.ones((2, 2))).compile()
+    except Exception:  # noqa: BLE001 - any refusal means: compile with XLA's defaults
         return None
     return dict(CPU_COMPILER_OPTIONS)
 

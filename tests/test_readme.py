@@ -31,3 +31,17 @@ def test_gradient_table_is_rendered_from_its_json():
     assert set(data["results"]) == set(gradient_report.tg.SPECS)  # every family measured
     readme = ROOT / "README.md"
     assert rewrite(readme, gradient_report.render(data), gradient_report.BEGIN, gradient_report.END) == readme.read_text()
+
+
+def test_default_runs_table_is_rendered_from_its_json():
+    """The default runs' numbers come from `python -m tools.default_runs`, never typed."""
+    import json
+
+    from experiments.reproductions import rewrite
+    from tools import default_runs
+
+    data = json.loads((ROOT / "docs" / "default_runs.json").read_text())
+    assert list(data["results"]) == list(default_runs.EXPERIMENTS)  # every default experiment ...
+    assert all(len(e["runs"]) == default_runs.SEEDS for e in data["results"].values())  # ... at every seed
+    readme = ROOT / "README.md"
+    assert rewrite(readme, default_runs.render(data), default_runs.BEGIN, default_runs.END) == readme.read_text()

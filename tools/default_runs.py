@@ -1,0 +1,141 @@
+"""The default experiments over several seeds: their README table, generated, never typed.
+
+    python -m tools.default_runs                         # 5 seeds of each: docs/default_runs.json, README
+    python -m tools.default_runs --experiments alexnet --seeds 2 --out /tmp/a.json   # some, elsewhere
+
+Runs `python -m experiments.<name> --config.seed=S` exactly as a user does (a fresh process,
+its own workdir under --runs), times it, and reads its result line and its metrics.jsonl:
+the final top-1/top-5 error, the best evaluation on the way, the wall time. With every
+experiment at the default seeds, the table between the README's markers is rewritten from
+the JSON, with the machine and the jax/jaxlib versions it ran on. About 40 minutes on 2 CPU
+cores for all five at 5 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("alexnet", "lenet", "resnet", "vgg", "googlenet")
+SEEDS = 5
+BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("jax", "jaxlib", "flax"))
+    return f"{versions}, Python {platform.python_version()}, {cpu}, {_cores()} cores, {time.strftime('%Y-%m-%d')}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def describe(name: str) -> dict:
+    """What the experiment trains, read from its own config."""
+    config = __import__(f"experiments.{name}", fromlist=["get_config"]).get_config()
+    return {"model": config.model_name, "input": config.input_size, "channels": config.channels,
+            "epochs": config.num_epochs, "batch": config.batch_size}
+
+
+def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
+    """One run as a user starts it; its result line, best evaluation and wall time."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", f"--config.seed={seed}",
+                           f"--workdir={workdir}"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"experiments.{name} seed {seed} exited {proc.returncode}: "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row["eval/top1_error"] for row in logged if "eval/top1_error" in row]
+    return {"seed": seed, "seconds": round(seconds, 1), "top1_error": result["top1_error"],
+            "top5_error": result["top5_error"], "best_top1_error": min(evals, default=result["top1_error"]),
+            "evaluations": evals}
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1%} [{min(values):.1%}–{max(values):.1%}]"
+
+
+def render(data: dict) -> str:
+    """The Markdown table: one row an experiment, mean [range] over its seeds."""
+    rows = ["| command | model, input, epochs | time (mean) | top-1 error, mean [range] | top-5 error | "
+            "worst end above its best evaluation |", "|---|---|---:|---:|---:|---:|"]
+    for name, entry in data["results"].items():
+        runs, d = entry["runs"], entry["config"]
+        minutes, seconds = divmod(round(statistics.mean(r["seconds"] for r in runs)), 60)
+        drop = max(r["top1_error"] - r["best_top1_error"] for r in runs)
+        rows.append(f"| `python -m experiments.{name}` | `{d['model']}`, {d['input']}×{d['input']}"
+                    f"{' grey' if d['channels'] == 1 else ''}, {d['epochs']:g} | "
+                    f"{f'{minutes} min ' if minutes else ''}{seconds} s | {_spread([r['top1_error'] for r in runs])} | "
+                    f"{_spread([r['top5_error'] for r in runs])} | {drop * 100:.1f} points |")
+    seeds = sorted({r["seed"] for e in data["results"].values() for r in e["runs"]})
+    return "\n".join([*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {data['machine']}."])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.default_runs", description=__doc__.split("\n")[0])
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated names")
+    parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 of each")
+    parser.add_argument("--runs", type=pathlib.Path, default=ROOT / "runs" / "default_runs", help="the workdirs")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "default_runs.json")
+    args = parser.parse_args(argv)
+    names = [n for n in args.experiments.split(",") if n]
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown or args.seeds < 1:
+        parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
+                     else "--seeds must be at least 1")
+    data = {"machine": machine(), "results": {}}
+    print(data["machine"], flush=True)
+    total, done = len(names) * args.seeds, 0
+    for name in names:
+        runs = []
+        for seed in range(args.seeds):
+            done += 1
+            print(f"[{done}/{total}] experiments.{name} --config.seed={seed} ...", end=" ", flush=True)
+            try:
+                run = run_one(name, seed, args.runs / f"{name}_{seed}")
+            except RuntimeError as err:
+                print(f"\nerror: {err}", file=sys.stderr)
+                return 1
+            print(f"top-1 {run['top1_error']:.1%} (best {run['best_top1_error']:.1%}), {run['seconds']:.0f} s",
+                  flush=True)
+            runs.append(run)
+        data["results"][name] = {"config": describe(name), "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve() and names == list(EXPERIMENTS) \
+            and args.seeds == SEEDS:
+        from experiments.reproductions import rewrite
+
+        (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
+        print("wrote the table to README.md")
+    print(render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
