@@ -68,13 +68,15 @@ def test_paper_initialisation(paper_params):
         np.testing.assert_array_equal(layer["bias"], expected_bias, err_msg=name)
 
 
-def test_lecun_initialisation():
-    model = get_model("alexnet", init_scheme="lecun")
+@pytest.mark.parametrize("scheme, gain", [("lecun", 1.0), ("he", 2.0)])
+def test_fan_in_initialisations(scheme, gain):
+    """LeCun-normal: variance 1/fan_in; He-normal (He et al. 2015): 2/fan_in; zero biases."""
+    model = get_model("alexnet", init_scheme=scheme)
     params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 227, 227, 3)), train=False))(jax.random.key(1))["params"]
     for name in ("conv1", "conv3", "fc7"):
         kernel = np.asarray(params[name]["kernel"])
         fan_in = np.prod(kernel.shape[:-1])
-        assert abs(kernel.std() * np.sqrt(fan_in) - 1.0) < 0.05, name  # variance 1/fan_in
+        assert abs(kernel.std() * np.sqrt(fan_in / gain) - 1.0) < 0.05, name
         np.testing.assert_array_equal(params[name]["bias"], 0.0)
 
 

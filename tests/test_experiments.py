@@ -22,7 +22,7 @@ def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
     proc = run_cli(["--config.smoke=True", f"--workdir={tmp_path}"], data_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "finished at step 3" in proc.stdout
-    assert "LeCun-normal" in proc.stdout  # the departure from the paper is said plainly
+    assert "He-normal" in proc.stdout  # the departure from the paper is said plainly
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (tmp_path / "checkpoints" / "3").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

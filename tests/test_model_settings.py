@@ -27,7 +27,7 @@ def test_the_experiments_own_model_keeps_its_settings():
     _, model = chosen(resnet.get_config)
     assert (model.shortcut, model.floor) == ("A", True)
     _, model = chosen(alexnet.get_config)
-    assert model.init_scheme == "lecun"
+    assert model.init_scheme == "he"
 
 
 def test_a_flag_on_the_command_line_applies_to_the_chosen_model():
