@@ -172,9 +172,11 @@ def check_optimisation(config):
     number_in(config, "aux_weight", 0.0)
     int_at_least(config, "seed", 0)
     bounds = tuple(config.step_boundaries)
-    if not all(_is_int(b) and b > 0 for b in bounds) or list(bounds) != sorted(set(bounds)):
+    fractions = all(isinstance(b, float) and 0 < b < 1 for b in bounds)
+    if not (fractions or all(_is_int(b) and b > 0 for b in bounds)) or list(bounds) != sorted(set(bounds)):
         _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. "
-                                         "--config.step_boundaries='(30000, 60000)'")
+                                         "--config.step_boundaries='(30000, 60000)', or fractions of the run "
+                                         "in (0, 1), e.g. '(0.5, 0.75)'")
     if config.schedule == "cosine" and 0 < config.num_train_steps <= config.warmup_steps:
         _fail("warmup_steps", config.warmup_steps, f"the cosine schedule must warm up in fewer than "
                                                    f"--config.num_train_steps={config.num_train_steps} steps")

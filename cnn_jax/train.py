@@ -149,9 +149,15 @@ def _total_steps(config, steps_per_epoch: int) -> int:
     return max(1, round(config.num_epochs * steps_per_epoch))
 
 
+def step_boundaries(bounds, total_steps: int) -> tuple[int, ...]:
+    """Step numbers; fractions in (0, 1) are of the run's `total_steps` (He et al.'s 0.5, 0.75)."""
+    return tuple(round(b * total_steps) if isinstance(b, float) and b < 1 else int(b) for b in bounds)
+
+
 def _make_optimizer(config, total_steps: int, model):
     schedule = optim.make_schedule(config.schedule, config.learning_rate, total_steps=total_steps,
-                                   boundaries=tuple(config.step_boundaries), factor=config.lr_drop_factor,
+                                   boundaries=step_boundaries(config.step_boundaries, total_steps),
+                                   factor=config.lr_drop_factor,
                                    warmup_steps=config.warmup_steps)
     return optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
                                 weight_decay=config.weight_decay, decay=config.decay_mask,

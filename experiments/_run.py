@@ -22,8 +22,8 @@ from ml_collections import config_dict, config_flags
 from cnn_jax import checks
 from cnn_jax.checks import ConfigError
 from cnn_jax.data.sources import DatasetError
-from cnn_jax.models import list_models, model_defaults
 from cnn_jax.data.store import StoreError
+from cnn_jax.models import list_models, model_defaults, variant_fields
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
 from cnn_jax.transfer import TransferError
 from cnn_jax.workdir import WorkdirError
@@ -200,15 +200,19 @@ def _processes(config) -> tuple[int, str]:
 
 
 def own_model_fields(config, written_for: str, given) -> tuple[config_dict.ConfigDict, dict]:
-    """(config, the fields dropped): an experiment's model fields are written for its own
-    model (`written_for`); another `--config.model_name` starts from that model's defaults,
-    plus the `--config.model.<field>` values given on the command line. Otherwise, say,
-    experiments.resnet's shortcut='A' (the CIFAR networks' option) would build resnet50 with
-    zero-padding shortcuts, not the paper's and torchvision's projections."""
-    if config.model_name == written_for:
-        return config, {}
-    kept = {k: v for k, v in config.model.items() if f"model.{k}" in given}
-    dropped = {k: v for k, v in config.model.items() if k not in kept}
+    """(config, the fields dropped): an experiment's model fields are written for its own model
+    (`written_for`). Another `--config.model_name` keeps the ones its family shares (the
+    field exists there, and neither model's variant sets it: AlexNet's init_scheme reaches
+    the two-tower net), and the `--config.model.<field>` values of the command line; the
+    rest are its own defaults. Otherwise experiments.resnet's shortcut='A', which makes
+    resnet20_cifar the paper's CIFAR net, would give resnet50 zero-padding shortcuts."""
+    if config.model_name == written_for or config.model_name not in list_models():
+        return config, {}  # an unknown name is check_model's error
+    fields = model_defaults(config.model_name)
+    variants = variant_fields(written_for).keys() | variant_fields(config.model_name).keys()
+    kept = {k: v for k, v in config.model.items()
+            if f"model.{k}" in given or (k in fields and k not in variants)}
+    dropped = {k: v for k, v in config.model.items() if k not in kept and _differs(k, v, fields.get(k))}
     with config.unlocked():
         config.model = config_dict.ConfigDict(kept)
     config.lock()
@@ -216,6 +220,7 @@ def own_model_fields(config, written_for: str, given) -> tuple[config_dict.Confi
 
 
 def _differs(field: str, value, default) -> bool:
+    """Whether `value` is not the model's `default` (dtypes compared as dtypes)."""
     if "dtype" in field and default is not None:
         return jnp.dtype(value) != jnp.dtype(default)
     return value != default
@@ -231,9 +236,6 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
     config, workdir, given = parse_flags(get_config, argv)
     written_for = get_config().model_name
     config, dropped = own_model_fields(config, written_for, given)
-    if config.model_name in list_models():  # an unknown name is check_model's error
-        defaults = model_defaults(config.model_name)
-        dropped = {k: v for k, v in dropped.items() if k not in defaults or _differs(k, v, defaults[k])}
     if dropped:
         shown = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
         print(f"note: this experiment's model settings ({shown}) are for {written_for}; "

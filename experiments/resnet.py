@@ -20,8 +20,8 @@ def get_config() -> config_dict.ConfigDict:
     c.learning_rate, c.weight_decay, c.decay_mask = 0.1, 1e-4, "kernels"
     c.num_epochs = 4.0
     # He et al.'s CIFAR schedule: 0.1, divided by 10 at 50% and 75% of training (32k and 48k
-    # of 64k iterations); here 4 epochs of the 1,497 digits are 184 steps of 32.
-    c.schedule, c.step_boundaries = "step", (92, 138)
+    # of 64k iterations), as fractions of whatever the run's length is.
+    c.schedule, c.step_boundaries = "step", (0.5, 0.75)
     return c
 
 

@@ -5,7 +5,7 @@ starts from that model's defaults, and a field the chosen model lacks is a one-l
 import pytest
 
 from cnn_jax import checks, get_model, summary
-from experiments import _run, alexnet, lenet, resnet
+from experiments import _run, alexnet, googlenet, lenet, resnet
 
 
 def chosen(get_config, *args):
@@ -21,6 +21,13 @@ def test_resnet50_from_the_resnet_experiment_is_the_papers(capsys):
     imagenet = get_model(config.model_name, num_classes=1000, **config.model)
     assert summary.totals(summary.layer_table(imagenet)).params == 25_557_032
     assert "shortcut='A'" in capsys.readouterr().out  # the dropped setting is said
+
+
+def test_a_variant_of_the_same_family_keeps_the_shared_settings():
+    _, model = chosen(alexnet.get_config, "--config.model_name=alexnet_2tower", "--config.mesh=(4, 2)")
+    assert model.init_scheme == "he"  # the experiment's departure reaches the two-tower net
+    _, model = chosen(googlenet.get_config, "--config.model_name=googlenet_no_aux")
+    assert model.aux_heads is False  # a variant's own defining value is never overridden
 
 
 def test_the_experiments_own_model_keeps_its_settings():

@@ -124,8 +124,8 @@ def main(argv=None) -> int:
                   flush=True)
             runs.append(run)
         data["results"][name] = {"config": describe(name), "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
     if args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve() and names == list(EXPERIMENTS) \
             and args.seeds == SEEDS:

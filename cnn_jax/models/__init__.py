@@ -44,13 +44,20 @@ def _fields(factory) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
+def variant_fields(name: str) -> dict:
+    """The field values that make the registered name a variant of its class (resnet20_cifar's
+    `shortcut='A'`, googlenet_no_aux's `aux_heads=False`); {} for a class registered as is."""
+    _load_families()
+    return dict(getattr(_REGISTRY[name], "keywords", None) or {})
+
+
 def model_defaults(name: str) -> dict:
-    """{field: default} of the registered model `name` (a registered variant's own values
-    included), without num_classes: what a command line may set."""
+    """{field: default} of the registered model `name`, its variant's values included, without
+    num_classes: what a command line may set."""
     _load_families()
     factory = _REGISTRY[name]
-    cls, variant = getattr(factory, "func", factory), getattr(factory, "keywords", None) or {}
-    return {f.name: variant.get(f.name, f.default) for f in dataclasses.fields(cls)
+    variant = variant_fields(name)
+    return {f.name: variant.get(f.name, f.default) for f in dataclasses.fields(getattr(factory, "func", factory))
             if f.name not in ("parent", "name", "num_classes")}
 
 
