@@ -18,7 +18,7 @@ CASES = [  # (arguments, what the one line must contain)
     (["--config.num_epochs=0", "--config.num_train_steps=0"], "--config.num_train_steps"),
     (["--config.num_train_steps=-5"], "--config.num_train_steps=-5"),
     (["--config.model_name=alexnett"], "did you mean alexnet?"),
-    (["--config.model_name=resnet20_cifar"], "--config.model.dropout_rate"),
+    (["--config.model_name=resnet20_cifar", "--config.model.dropout_rate=0.5"], "--config.model.dropout_rate"),
     (["--config.model.dtype=float33"], "--config.model.dtype=float33"),
     (["--config.model.num_classes=5"], "--config.model.num_classes: the class count comes from the dataset"),
     (["--config.optimizer=adamm"], "--config.optimizer=adamm: unknown optimizer"),

@@ -2,7 +2,7 @@
 
 The first update (the paper's rule from zero momentum: -lr * (gradient + decay * weight))
 goes through the jit runner, the pmap runner and a plain `jax.jit(train_step)` of the kind a
-researcher writes after `import cnn_jax`, and the two-tower AlexNet through its ('data',
+researcher writes, and the two-tower AlexNet through its ('data',
 'model') mesh. Each is compared with the same update computed in float64 by the same model
 in JAX (every layer, LRN and batch norm included, then computes in float64), which in turn
 equals float64 PyTorch for AlexNet and LeNet-5 (written independently in
@@ -10,7 +10,7 @@ equals float64 PyTorch for AlexNet and LeNet-5 (written independently in
 its largest float64 update (or 1e-3 of the model's largest, if that is larger).
 
 - The batch: one clear of ties (below), else float32 may take the other branch of a ReLU or
-  max pool and differ from float64 by 1e-2 with nothing wrong, as float32 PyTorch does.
+  max pool and differ from float64 by 1e-3 to 1e-1 with nothing wrong, as float32 PyTorch does.
 - The rule: 2e-5, or 10x float32 PyTorch's own deviation from float64 where a PyTorch
   counterpart computes the same function. LeNet-5 misses it by far (strict xfail, with the
   numbers); AlexNet misses it narrowly and is held to 1e-4; VGG, the ResNets and GoogLeNet
@@ -31,7 +31,7 @@ from cnn_jax import get_model, optim, parallel, weights
 from cnn_jax.train import create_train_state, eval_step, train_step
 
 LR, MOMENTUM, DECAY, AUX_WEIGHT = 0.01, 0.9, 5e-4, 0.3
-FLOOR = 2e-5  # the smallest tolerance; float32 PyTorch deviates by up to 2.4e-6 here
+FLOOR = 2e-5  # the smallest tolerance; float32 PyTorch deviates by up to 2.2e-6 here
 BATCH, CLASSES = 4, 10
 
 SPECS = {  # name: (fields, input shape)
@@ -76,7 +76,12 @@ def _cross_entropy(logits, labels):
 
 
 @functools.cache
-def float64_update(name: str, shards: int, probe: float = 0.0) -> dict:
+def float64_update(name: str, shards: int) -> dict:
+    """`probed_update` at the weights themselves (kept: every path's test compares with it)."""
+    return probed_update(name, shards, 0.0)
+
+
+def probed_update(name: str, shards: int, probe: float) -> dict:
     """The first update in float64 JAX, its gradient the mean over `shards` equal parts of
     the batch (pmap: batch-norm statistics per device); loss and rule written out here.
     `probe`: every weight w is first moved to w * (1 + probe * n), n a fixed normal draw."""
@@ -109,7 +114,6 @@ def _mesh(shape):
                          devices=devices)
 
 
-@functools.cache
 def project_update(name: str, path: str) -> dict:
     """The first update of the project's `train_step` through `path`, as float64 NumPy."""
     model, shape, state = _start(name)
@@ -153,8 +157,8 @@ def _check(found: dict[str, float], tolerance: dict[str, float] | float, what: s
 
 # Ties. ReLU and max pooling are not differentiable where an input sits at zero or two
 # window entries are equal. A batch with an input within float32's rounding of such a point
-# gives float32 code the other branch there, and the update of the layers below moves by up
-# to 1e-2 of their largest, with nothing wrong: float32 PyTorch does the same on 4 of 12
+# gives float32 code the other branch there, and the update of the layers below moves by 1e-3
+# to 1e-1 of their largest, with nothing wrong: float32 PyTorch does the same on 4 of 12
 # random AlexNet batches at 227x227. So every batch here is first shown to be clear of ties:
 # moving every weight by a relative 1e-6 (about 10x float32's rounding of a pre-activation),
 # either way, moves the float64 update by no more than 1e-5.
@@ -165,7 +169,7 @@ TIE_PROBE, TIE_JUMP = 1e-6, 1e-5
 def tie_jump(name: str, shards: int) -> dict[str, float]:
     """Per layer, the largest move of the float64 update when the weights move +-TIE_PROBE."""
     exact = float64_update(name, shards)
-    moves = [deviations(float64_update(name, shards, sign * TIE_PROBE), exact) for sign in (1, -1)]
+    moves = [deviations(probed_update(name, shards, sign * TIE_PROBE), exact) for sign in (1, -1)]
     return {k: max(m[k] for m in moves) for k in moves[0]}
 
 
@@ -188,7 +192,7 @@ LESS_ACCURATE_THAN_PYTORCH = {
 
 # Narrow misses, held to a wider bound rather than marked (too close to the rule to fail on
 # every CPU): AlexNet's conv1 kernel is 3.0e-5 off float64 (3.3e-5 with two towers), float32
-# PyTorch's 2.4e-6, XLA:CPU's float32 sums over 4x55x55 positions. A tie or a wrong update is
+# PyTorch's 2.2e-6, XLA:CPU's float32 sums over 4x55x55 positions. A tie or a wrong update is
 # 1e-3 and more.
 WIDER = {"alexnet": 1e-4, "alexnet_2tower": 1e-4}
 
@@ -212,17 +216,20 @@ def _cases():
         yield from (pytest.param(name, path, marks=marks, id=f"{name}-{path}") for path in paths_of(name))
 
 
-@pytest.mark.parametrize("name, shards", [(n, s) for n in JUDGED for s in sorted({_shards(p) for p in paths_of(n)})])
-def test_the_batch_is_clear_of_ties(name, shards):
-    check_clear_of_ties(name, shards)
+# None of JUDGED has batch norm, so the pmap reference (the gradient averaged over 2 parts of
+# the batch) is the same function: one tie check covers every path.
+@pytest.mark.parametrize("name", JUDGED)
+def test_the_batch_is_clear_of_ties(name):
+    assert not _start(name)[2].batch_stats, f"{name} has batch norm: check its 2-part reference too"
+    check_clear_of_ties(name, 1)
 
 
 @pytest.mark.parametrize("name, path", _cases())
 def test_first_update_matches_float64(name, path):
-    shards = _shards(path)
-    check_clear_of_ties(name, shards)
+    check_clear_of_ties(name, 1)
     tolerance = WIDER.get(name) or (torch_tolerance(name) if name in TORCH_LAYOUTS else FLOOR)
-    _check(deviations(project_update(name, path), float64_update(name, shards)), tolerance, f"{name} via {path}")
+    _check(deviations(project_update(name, path), float64_update(name, _shards(path))), tolerance,
+           f"{name} via {path}")
 
 
 # ---- PyTorch counterparts: float32's own error, and a check of the float64 reference ----

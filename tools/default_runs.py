@@ -67,12 +67,15 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"experiments.{name} seed {seed} exited {proc.returncode}: "
                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    evals = [row["eval/top1_error"] for row in logged if "eval/top1_error" in row]
-    return {"seed": seed, "seconds": round(seconds, 1), "top1_error": result["top1_error"],
-            "top5_error": result["top5_error"], "best_top1_error": min(evals, default=result["top1_error"]),
-            "evaluations": evals}
+    try:
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        evals = [row["eval/top1_error"] for row in logged if "eval/top1_error" in row]
+        return {"seed": seed, "seconds": round(seconds, 1), "top1_error": result["top1_error"],
+                "top5_error": result["top5_error"], "best_top1_error": min(evals, default=result["top1_error"]),
+                "evaluations": evals}
+    except (ValueError, OSError, KeyError, IndexError) as err:  # a result line or log that is not there
+        raise RuntimeError(f"experiments.{name} seed {seed}: no result to read in {workdir} ({err})") from None
 
 
 def _spread(values: list[float]) -> str:
@@ -107,6 +110,10 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
+    complete = names == list(EXPERIMENTS) and args.seeds == SEEDS
+    default_out = args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve()
+    if default_out and not complete:
+        parser.error(f"a subset would overwrite the README's data: pass --out, e.g. --out /tmp/{names[0]}.json")
     data = {"machine": machine(), "results": {}}
     print(data["machine"], flush=True)
     total, done = len(names) * args.seeds, 0
@@ -127,8 +134,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
-    if args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve() and names == list(EXPERIMENTS) \
-            and args.seeds == SEEDS:
+    if default_out:
         from experiments.reproductions import rewrite
 
         (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
