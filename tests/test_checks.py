@@ -201,3 +201,13 @@ def test_a_config_missing_keys_is_one_line():
         del config["momentum"]
     with pytest.raises(ConfigError, match="the config lacks"):
         check_config(config, device_count=8, process_count=1)
+
+
+def test_step_boundaries_as_fractions_of_the_run():
+    """He et al.'s CIFAR drops at 32k and 48k of 64k iterations, as (0.5, 0.75) of any run."""
+    from cnn_jax.train import step_boundaries
+
+    assert check(step_boundaries=(0.5, 0.75)).step_boundaries == (0.5, 0.75)
+    assert step_boundaries((0.5, 0.75), 184) == (92, 138)
+    assert step_boundaries((30000, 60000), 184) == (30000, 60000)  # steps stay steps
+    assert message(step_boundaries=(0.5, 3)).startswith("--config.step_boundaries=(0.5, 3): must be increasing")
