@@ -1,13 +1,16 @@
 """The default experiments over several seeds: their README table, generated, never typed.
 
     python -m tools.default_runs                         # 5 seeds of each: docs/default_runs.json, README
+    python -m tools.default_runs --experiments vgg,googlenet     # rerun some; the others are kept
     python -m tools.default_runs --experiments alexnet --seeds 2 --out /tmp/a.json   # some, elsewhere
 
 Runs `python -m experiments.<name> --config.seed=S` exactly as a user does (a fresh process,
 its own workdir under --runs), times it, and reads its result line and its metrics.jsonl:
-the final top-1/top-5 error, the best evaluation on the way, the wall time. With every
-experiment at the default seeds, the table between the README's markers is rewritten from
-the JSON, with the machine and the jax/jaxlib versions it ran on. About 40 minutes on 2 CPU
+the final top-1/top-5 error, the best evaluation on the way, the wall time. Some experiments
+at the default seeds replace their entries in docs/default_runs.json and keep the others,
+provided those were measured on the same machine and versions (else all must be rerun).
+Once every experiment is there, the table between the README's markers is rewritten from
+the JSON, with the machine and the jax/jaxlib versions it ran on. About 45 minutes on 2 CPU
 cores for all five at 5 seeds.
 """
 
@@ -30,11 +33,12 @@ SEEDS = 5
 BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
 
 
-def machine() -> str:
+def machine(dated: bool = True) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
                platform.processor() or platform.machine())
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("jax", "jaxlib", "flax"))
-    return f"{versions}, Python {platform.python_version()}, {cpu}, {_cores()} cores, {time.strftime('%Y-%m-%d')}"
+    described = f"{versions}, Python {platform.python_version()}, {cpu}, {_cores()} cores"
+    return f"{described}, {time.strftime('%Y-%m-%d')}" if dated else described
 
 
 def _cpuinfo() -> list[str]:
@@ -78,6 +82,17 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
         raise RuntimeError(f"experiments.{name} seed {seed}: no result to read in {workdir} ({err})") from None
 
 
+def _kept(path: pathlib.Path, rerun: list[str]) -> dict | None:
+    """The other experiments' results in `path`, in the table's order, if measured here on these versions."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not old.get("machine", "").startswith(machine(dated=False) + ","):
+        return None
+    return {n: old["results"][n] for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1%} [{min(values):.1%}–{max(values):.1%}]"
 
@@ -110,11 +125,16 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
-    complete = names == list(EXPERIMENTS) and args.seeds == SEEDS
     default_out = args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve()
-    if default_out and not complete:
-        parser.error(f"a subset would overwrite the README's data: pass --out, e.g. --out /tmp/{names[0]}.json")
+    if default_out and args.seeds != SEEDS:
+        parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     data = {"machine": machine(), "results": {}}
+    if default_out and names != list(EXPERIMENTS):
+        kept = _kept(args.out, names)
+        if kept is None:
+            parser.error(f"{args.out} is missing or was measured on another machine or versions: "
+                         "rerun every experiment (no --experiments)")
+        data["results"] = kept
     print(data["machine"], flush=True)
     total, done = len(names) * args.seeds, 0
     for name in names:
@@ -131,10 +151,11 @@ def main(argv=None) -> int:
                   flush=True)
             runs.append(run)
         data["results"][name] = {"config": describe(name), "runs": runs}
+        data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
-    if default_out:
+    if default_out and set(data["results"]) == set(EXPERIMENTS):
         from experiments.reproductions import rewrite
 
         (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
