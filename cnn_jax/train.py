@@ -260,14 +260,23 @@ class Run:
 
     def evaluate(self, state, crops: str = "centre") -> dict:
         """Mean loss and errors over the eval split; this process reads only its share."""
-        batches = pipeline.eval_batches(self.eval_store, batch_size=self.config.eval_batch_size,
-                                        limit=self.config.eval_limit, shard_index=self.process,
+        size, limit = self.config.eval_batch_size, self.config.eval_limit
+        batches = pipeline.eval_batches(self.eval_store, batch_size=size, limit=limit, shard_index=self.process,
                                         shard_count=self.processes, workers=self.workers)
-        sums = None
-        for batch in batches:
-            out = self.runner.eval(state, self.runner.place_eval(batch), self.prep, crops)
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        return evaluate.summarise(jax.device_get(sums))
+        count = min(len(self.eval_store), limit or len(self.eval_store))
+        sums, queued = None, None
+        with tqdm(total=-(-count // size), unit="batch", desc=f"evaluating ({crops} crop{'s' * (crops == 'ten')})",
+                  leave=False, dynamic_ncols=True, disable=self.process != 0) as bar:
+            for batch in batches:
+                out = self.runner.eval(state, self.runner.place_eval(batch), self.prep, crops)
+                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+                if queued is not None:  # one batch in flight: the bar counts finished batches
+                    jax.block_until_ready(queued)
+                    bar.update(1)
+                queued = sums
+            sums = jax.device_get(sums)
+            bar.update(1)
+        return evaluate.summarise(sums, self.model.num_classes)
 
     def save(self, step: int, state):
         """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
@@ -301,7 +310,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if first:
             stack.enter_context(workdirs.workdir_lock(workdir))
         for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,
-                                                 write=first):
+                                                 write=first and not config.eval_only):
             print(f"config changed since the last run: {note}")
         run = Run(config, workdir, stack)
         return _train(run, stack)
@@ -399,7 +408,7 @@ def parallel_any(flag: bool) -> bool:
 
 def _eval_line(step: int, result: dict) -> str:
     line = (f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
-            f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
+            f"{evaluate.top5_text(result)}, loss {result['loss']:.3f}")
     if result.get("nonfinite"):
         line += f" ({result['nonfinite']:.0%} of outputs NaN or infinite, counted as errors)"
     return line
