@@ -98,6 +98,23 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight:
     arrays). The preprocessor's draws and the dropout masks come from `fold_in(rng, step)`.
     `axis_name`: only under `pmap`, where each device holds a slice of the batch; gradients,
     metrics and batch-norm statistics are then averaged over that axis.
+
+    Your own loop on your own arrays (float, channels last: NHWC):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from cnn_jax import get_model, optim
+    >>> from cnn_jax.train import create_train_state, train_step
+    >>> model = get_model("lenet5", num_classes=10)
+    >>> tx = optim.make_optimizer("paper_sgd", 0.01, weight_decay=5e-4)
+    >>> state = create_train_state(jax.random.key(0), model, tx, input_shape=(32, 32, 1))
+    >>> step = jax.jit(train_step, donate_argnums=0)  # prep=None: the images as given
+    >>> batch = {"image": jax.random.normal(jax.random.key(1), (64, 32, 32, 1)), "label": jnp.arange(64) % 10}
+    >>> losses = []
+    >>> for _ in range(20):
+    ...     state, stats = step(state, batch, jax.random.key(2), None)
+    ...     losses.append(float(stats["loss"]))
+    >>> losses[-1] < losses[0] and int(state.step)
+    20
     """
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
@@ -394,9 +411,11 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         result = run.evaluate(host)
     outputs = {"checkpoints": str(run.ckpt.directory), "tensorboard": str(run.writer.tb_dir),
                "metrics_log": str(run.writer.jsonl_path)}
+    if run.process == 0:
+        outputs["curves"] = str(viz.save_curves(run.writer.jsonl_path, run.workdir / "curves.png"))
     if run.process == 0 and _has_rgb_conv1(host.params):
         outputs["conv1_kernels"] = str(viz.save_conv1_figure(jax.device_get(host.params),
-                                                             run.workdir / "conv1_kernels.png"))
+                                                             run.workdir / "conv1_kernels.png", step=step))
     return {"step": step, **result, "workdir": str(run.workdir), **outputs}
 
 

@@ -276,7 +276,7 @@ def report(config, result: dict):
     if "ten_crop_top1_error" in result:
         print(f"ten-crop (softmax averaged over 10 patches): top-1 error {result['ten_crop_top1_error']:.1%}, "
               f"{evaluate.top5_text(result, 'ten_crop_')}")
-    for key in ("checkpoints", "tensorboard", "metrics_log", "conv1_kernels"):
+    for key in ("checkpoints", "tensorboard", "metrics_log", "curves", "conv1_kernels"):
         if key in result:
             print(f"  {key:<13} {result[key]}")
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))

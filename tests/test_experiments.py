@@ -24,7 +24,7 @@ def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
     assert "finished at step 3" in proc.stdout
     assert "He-normal" in proc.stdout  # the departure from the paper is said plainly
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "curves.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/images_per_second", "train/data_wait"} <= set(logged[0])
