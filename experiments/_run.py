@@ -93,8 +93,24 @@ def base_config() -> config_dict.ConfigDict:
 
 def describe(c) -> str:
     return (f"{c.model_name} on {c.dataset}: {c.input_size}x{c.input_size}x{c.channels} input, {c.optimizer} "
-            f"(lr {c.learning_rate}, momentum {c.momentum}, weight decay {c.weight_decay}, schedule {c.schedule}), "
-            f"batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
+            f"(lr {c.learning_rate}, momentum {c.momentum}, weight decay {c.weight_decay}, schedule "
+            f"{_schedule(c)}), batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
+
+
+def _schedule(c) -> str:
+    """'step: x0.1 at 75%' for a step schedule (fractions as percentages of the run), else its name."""
+    if c.schedule != "step":
+        return c.schedule + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
+    at = ", ".join(f"{b:.0%}" if 0 < b < 1 else f"step {b:g}" for b in c.step_boundaries)
+    return f"step: x{c.lr_drop_factor:g} at {at}" + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
+
+
+def fixed_drop_note(c, paper: str) -> str:
+    """The note for a short run's drop at a fixed point where the paper drops on a plateau."""
+    if c.schedule != "step":
+        return ""
+    return (f"\nnote: the learning rate drops at fixed points of the run, not {paper}:\n"
+            "      a run of a few epochs has no plateau to detect; --config.schedule=plateau restores the paper's rule.")
 
 
 def smoke(config: config_dict.ConfigDict, given=frozenset()) -> config_dict.ConfigDict:
