@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import numbers
 import os
@@ -141,6 +142,30 @@ def check_model(config):
         return get_model(name, num_classes=10, **fields)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--config.model_name={name}: {str(err).splitlines()[0]}") from None
+
+
+def check_geometry(config, model):
+    """The input size tiles every window layer of `model`, before any data is read (a shape-only
+    trace of its initialisation, remembered per model and input)."""
+    from cnn_jax.layers import GeometryError
+
+    try:
+        _trace_init(model, config.input_size, config.channels)
+    except GeometryError as err:
+        fixes = [f"--config.input_size={err.suggestion}"] if err.suggestion else []
+        if any(f.name == "floor" for f in dataclasses.fields(model)):
+            fixes.append("--config.model.floor=True to round every layer's output down")
+        raise ConfigError(f"--config.input_size={config.input_size} does not fit {config.model_name}: "
+                          f"{err.problem} Set {' or '.join(fixes) or 'another input size'}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _trace_init(model, size: int, channels: int):
+    import jax
+    import jax.numpy as jnp
+
+    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                   jnp.zeros((1, size, size, channels), jnp.float32))
 
 
 def check_dtype(key: str, value):
@@ -359,6 +384,7 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_processes(config)
         model = check_model(config)
         check_data(config)
+        check_geometry(config, model)
         check_transfer(config, model)
         check_optimisation(config)
         check_length(config)

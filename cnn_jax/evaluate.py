@@ -14,10 +14,19 @@ import numpy as np
 CROPS = ("centre", "ten")
 
 
-def summarise(sums: dict | None) -> dict:
+def summarise(sums: dict | None, classes: int | None = None) -> dict:
     """Means per example from the summed eval outputs. Non-finite outputs are reported as a
-    share ('nonfinite') and counted as errors, never averaged away."""
+    share ('nonfinite') and counted as errors, never averaged away. With 5 `classes` or fewer
+    every label is in the top 5: top-5 error is left out, not reported as 0."""
     if not sums or not float(sums["count"]):
         raise ValueError("the evaluation saw no examples: check --config.eval_split and --config.eval_limit")
     count = float(sums["count"])
-    return {key: float(np.asarray(sums[key])) / count for key in ("loss", "top1_error", "top5_error", "nonfinite")}
+    keys = ("loss", "top1_error", "nonfinite") if classes is not None and classes <= 5 else \
+        ("loss", "top1_error", "top5_error", "nonfinite")
+    return {key: float(np.asarray(sums[key])) / count for key in keys}
+
+
+def top5_text(result: dict, prefix: str = "") -> str:
+    """'top-5 error 3.0%', or 'top-5 error n/a' where the classes are 5 or fewer."""
+    value = result.get(f"{prefix}top5_error")
+    return "top-5 error n/a (5 classes or fewer)" if value is None else f"top-5 error {value:.1%}"

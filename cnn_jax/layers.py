@@ -43,7 +43,7 @@ class GeometryError(ValueError):
         self.layer, self.size, self.kernel, self.stride, self.pad = layer, size, kernel, stride, pad
         self.axis, self.suggestion = axis, suggestion
         out = (size - kernel + 2 * pad) / stride + 1
-        msg = (f"{layer}: input {size} with kernel {kernel}, stride {stride}, padding {pad} gives "
+        self.problem = msg = (f"{layer}: input {size} with kernel {kernel}, stride {stride}, padding {pad} gives "
                f"({size} - {kernel} + 2*{pad})/{stride} + 1 = {out:g}, not a whole number.")
         if suggestion is not None:
             msg += f" Nearest input size that fits the whole model: {suggestion}."
@@ -410,10 +410,13 @@ class InputError(ValueError):
 
 def check_images(x, model: str):
     """Refuses what would otherwise fail deep inside a layer, or pass silently: a batch axis
-    left out, or raw integer pixels not yet mean-subtracted."""
+    left out, PyTorch's channels-first layout, or raw integer pixels not yet mean-subtracted."""
     if getattr(x, "ndim", None) != 4:
         raise InputError(f"{model} takes images of shape (batch, height, width, channels), got shape "
                          f"{tuple(getattr(x, 'shape', ()))}: add the batch axis (images[None]) or reshape")
+    if x.shape[1] in (1, 3, 4) and x.shape[-1] > 4:
+        raise InputError(f"{model} takes channels-last images (batch, height, width, channels), got shape "
+                         f"{tuple(x.shape)}, which looks channels-first (NCHW): pass images.transpose(0, 2, 3, 1)")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputError(f"{model} takes float images (mean-subtracted pixels), got {x.dtype}: pass uint8 images "
                          "through cnn_jax.data.augment.Preprocessor, or convert and normalise them first")

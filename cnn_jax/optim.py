@@ -154,8 +154,14 @@ def current_learning_rate(opt_state) -> jax.Array:
 def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=(),
                   factor: float = 0.1, warmup_steps: int = 0) -> float | Schedule:
     """'constant' and 'plateau' (constant here, dropped by `plateau_update`), 'step'
-    (multiply by `factor` at each step in `boundaries`), 'cosine' (linear warm-up from 0 to
-    `base` over `warmup_steps`, then cosine decay to 0 at `total_steps`)."""
+    (multiply by `factor` at each step in `boundaries`), 'cosine' (decay to 0 at
+    `total_steps`). Each starts with a linear warm-up from 0 to `base` over `warmup_steps`;
+    the steps of `boundaries` and `total_steps` count from the run's start, warm-up included."""
+    if kind in ("constant", "plateau", "step") and warmup_steps:
+        after = make_schedule(kind, base, boundaries=boundaries, factor=factor)
+        after = after if callable(after) else optax.constant_schedule(after)
+        return optax.join_schedules([optax.linear_schedule(0.0, base, warmup_steps),
+                                     lambda step: after(step + warmup_steps)], [warmup_steps])
     if kind in ("constant", "plateau"):
         return base
     if kind == "step":

@@ -98,6 +98,23 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, prep, aux_weight:
     arrays). The preprocessor's draws and the dropout masks come from `fold_in(rng, step)`.
     `axis_name`: only under `pmap`, where each device holds a slice of the batch; gradients,
     metrics and batch-norm statistics are then averaged over that axis.
+
+    Your own loop on your own arrays (float, channels last: NHWC):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from cnn_jax import get_model, optim
+    >>> from cnn_jax.train import create_train_state, train_step
+    >>> model = get_model("lenet5", num_classes=10)
+    >>> tx = optim.make_optimizer("paper_sgd", 0.01, weight_decay=5e-4)
+    >>> state = create_train_state(jax.random.key(0), model, tx, input_shape=(32, 32, 1))
+    >>> step = jax.jit(train_step, donate_argnums=0)  # prep=None: the images as given
+    >>> batch = {"image": jax.random.normal(jax.random.key(1), (64, 32, 32, 1)), "label": jnp.arange(64) % 10}
+    >>> losses = []
+    >>> for _ in range(20):
+    ...     state, stats = step(state, batch, jax.random.key(2), None)
+    ...     losses.append(float(stats["loss"]))
+    >>> losses[-1] < losses[0] and int(state.step)
+    20
     """
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
@@ -260,14 +277,23 @@ class Run:
 
     def evaluate(self, state, crops: str = "centre") -> dict:
         """Mean loss and errors over the eval split; this process reads only its share."""
-        batches = pipeline.eval_batches(self.eval_store, batch_size=self.config.eval_batch_size,
-                                        limit=self.config.eval_limit, shard_index=self.process,
+        size, limit = self.config.eval_batch_size, self.config.eval_limit
+        batches = pipeline.eval_batches(self.eval_store, batch_size=size, limit=limit, shard_index=self.process,
                                         shard_count=self.processes, workers=self.workers)
-        sums = None
-        for batch in batches:
-            out = self.runner.eval(state, self.runner.place_eval(batch), self.prep, crops)
-            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        return evaluate.summarise(jax.device_get(sums))
+        count = min(len(self.eval_store), limit or len(self.eval_store))
+        sums, queued = None, None
+        with tqdm(total=-(-count // size), unit="batch", desc=f"evaluating ({crops} crop{'s' * (crops == 'ten')})",
+                  leave=False, dynamic_ncols=True, disable=self.process != 0) as bar:
+            for batch in batches:
+                out = self.runner.eval(state, self.runner.place_eval(batch), self.prep, crops)
+                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+                if queued is not None:  # one batch in flight: the bar counts finished batches
+                    jax.block_until_ready(queued)
+                    bar.update(1)
+                queued = sums
+            sums = jax.device_get(sums)
+            bar.update(1)
+        return evaluate.summarise(sums, self.model.num_classes)
 
     def save(self, step: int, state):
         """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
@@ -301,7 +327,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if first:
             stack.enter_context(workdirs.workdir_lock(workdir))
         for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,
-                                                 write=first):
+                                                 write=first and not config.eval_only):
             print(f"config changed since the last run: {note}")
         run = Run(config, workdir, stack)
         return _train(run, stack)
@@ -385,9 +411,11 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         result = run.evaluate(host)
     outputs = {"checkpoints": str(run.ckpt.directory), "tensorboard": str(run.writer.tb_dir),
                "metrics_log": str(run.writer.jsonl_path)}
+    if run.process == 0:
+        outputs["curves"] = str(viz.save_curves(run.writer.jsonl_path, run.workdir / "curves.png"))
     if run.process == 0 and _has_rgb_conv1(host.params):
         outputs["conv1_kernels"] = str(viz.save_conv1_figure(jax.device_get(host.params),
-                                                             run.workdir / "conv1_kernels.png"))
+                                                             run.workdir / "conv1_kernels.png", step=step))
     return {"step": step, **result, "workdir": str(run.workdir), **outputs}
 
 
@@ -399,7 +427,7 @@ def parallel_any(flag: bool) -> bool:
 
 def _eval_line(step: int, result: dict) -> str:
     line = (f"step {step}: validation top-1 error {result['top1_error']:.1%}, "
-            f"top-5 error {result['top5_error']:.1%}, loss {result['loss']:.3f}")
+            f"{evaluate.top5_text(result)}, loss {result['loss']:.3f}")
     if result.get("nonfinite"):
         line += f" ({result['nonfinite']:.0%} of outputs NaN or infinite, counted as errors)"
     return line

@@ -232,9 +232,13 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
     if missing or unexpected:
         parts = [_listed(missing, "missing")] if missing else []
         parts += [_listed(unexpected, "unexpected")] if unexpected else []
-        aux = unexpected and all(k.startswith(("aux1.", "aux2.")) for k in unexpected)
-        hint = ("the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
-                if aux else "is this file for another network?")
+        heads = ("aux1.", "aux2.")
+        if unexpected and all(k.startswith(heads) for k in unexpected):
+            hint = "the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
+        elif missing and all(k.startswith(heads) for k in missing):
+            hint = "the file has no auxiliary heads: build the model with aux_heads=False (--config.model.aux_heads=False)"
+        else:
+            hint = "is this file for another network?"
         raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}")
     replaced = set()
     for key, (layer, shape) in expected.items():

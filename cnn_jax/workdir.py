@@ -34,7 +34,7 @@ TRAINING_KEYS = frozenset({
     "aux_weight", "batch_size", "seed", "classes", "train_per_class", "freeze", "head_only", "backbone_lr_scale"})
 LENGTH_KEYS = frozenset({"num_epochs", "num_train_steps"})
 LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's length
-NOT_RECORDED = frozenset({"allow_config_change"})  # how to resume, not what was trained
+NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 
 
 class WorkdirError(RuntimeError):

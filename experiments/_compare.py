@@ -144,7 +144,7 @@ def run_variants(config, root: pathlib.Path, variants: dict[str, dict], *, evalu
                 final = {"top1_error": nan, "top5_error": nan, "loss": nan, "diverged": True}
             diverged = "diverged" in final
             record = {"seed": seed, "changes": values, "top1_error": final["top1_error"],
-                      "top5_error": final["top5_error"], "loss": final["loss"], "diverged": diverged}
+                      "top5_error": final.get("top5_error", nan), "loss": final["loss"], "diverged": diverged}
             for split in evaluate:
                 result = {} if diverged else evaluate_on(run_config, folder, split)
                 record[f"{split}_top1_error"] = result.get("top1_error", nan)

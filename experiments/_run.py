@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
-from cnn_jax import checks
+from cnn_jax import checks, evaluate
+from cnn_jax.checkpoint import newest_step
 from cnn_jax.checks import ConfigError
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import StoreError
@@ -92,8 +93,24 @@ def base_config() -> config_dict.ConfigDict:
 
 def describe(c) -> str:
     return (f"{c.model_name} on {c.dataset}: {c.input_size}x{c.input_size}x{c.channels} input, {c.optimizer} "
-            f"(lr {c.learning_rate}, momentum {c.momentum}, weight decay {c.weight_decay}, schedule {c.schedule}), "
-            f"batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
+            f"(lr {c.learning_rate}, momentum {c.momentum}, weight decay {c.weight_decay}, schedule "
+            f"{_schedule(c)}), batch {c.batch_size}, {c.num_train_steps or f'{c.num_epochs:g} epochs'}")
+
+
+def _schedule(c) -> str:
+    """'step: x0.1 at 75%' for a step schedule (fractions as percentages of the run), else its name."""
+    if c.schedule != "step":
+        return c.schedule + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
+    at = ", ".join(f"{b:.0%}" if 0 < b < 1 else f"step {b:g}" for b in c.step_boundaries)
+    return f"step: x{c.lr_drop_factor:g} at {at}" + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
+
+
+def fixed_drop_note(c, paper: str) -> str:
+    """The note for a short run's drop at a fixed point where the paper drops on a plateau."""
+    if c.schedule != "step":
+        return ""
+    return (f"\nnote: the learning rate drops at fixed points of the run, not {paper}:\n"
+            "      a run of a few epochs has no plateau to detect; --config.schedule=plateau restores the paper's rule.")
 
 
 def smoke(config: config_dict.ConfigDict, given=frozenset()) -> config_dict.ConfigDict:
@@ -185,12 +202,21 @@ def parse_flags(get_config, argv) -> tuple[config_dict.ConfigDict, str | None, s
     try:
         rest = fv(list(argv))
     except flags.Error as err:
-        raise ConfigError(str(err).splitlines()[0].removeprefix("flag ")) from None
+        raise ConfigError(_flag_error(str(err))) from None
     if len(rest) > 1:
         raise ConfigError(f"unexpected argument(s) {' '.join(rest[1:])}: set values with "
                           "--config.key=value and the output folder with --workdir=DIR")
     flags.FLAGS.mark_as_parsed()  # libraries read the global flags (parsed above, in fv)
     return fv.config, fv.workdir, set(config_flags.get_override_values(fv["config"]))
+
+
+def _flag_error(message: str) -> str:
+    """absl's parse error in one line, with the accepted spellings of a boolean."""
+    line = message.splitlines()[0].removeprefix("flag ")
+    flag, _, why = line.partition(": ")
+    if "Non-boolean argument" in why:
+        return f"{flag}: not a boolean; write True or False (or 1, 0)"
+    return line
 
 
 def _processes(config) -> tuple[int, str]:
@@ -261,12 +287,12 @@ def usage(get_config) -> str:
 
 def report(config, result: dict):
     print(f"\n{'evaluated' if config.eval_only else 'finished at'} step {result['step']}: validation "
-          f"top-1 error {result['top1_error']:.1%}, top-5 error {result['top5_error']:.1%} "
+          f"top-1 error {result['top1_error']:.1%}, {evaluate.top5_text(result)} "
           f"(loss {result['loss']:.3f})")
     if "ten_crop_top1_error" in result:
         print(f"ten-crop (softmax averaged over 10 patches): top-1 error {result['ten_crop_top1_error']:.1%}, "
-              f"top-5 error {result['ten_crop_top5_error']:.1%}")
-    for key in ("checkpoints", "tensorboard", "metrics_log", "conv1_kernels"):
+              f"{evaluate.top5_text(result, 'ten_crop_')}")
+    for key in ("checkpoints", "tensorboard", "metrics_log", "curves", "conv1_kernels"):
         if key in result:
             print(f"  {key:<13} {result[key]}")
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
@@ -276,6 +302,17 @@ def _error(err: BaseException, status: int) -> int:
     message = " ".join(str(err).split("\n")) or type(err).__name__
     print(f"error: {message}", file=sys.stderr)
     return status
+
+
+def _resume_note(workdir, job):
+    """After a stop that did not save: where the same command goes on from (one run's workdir)."""
+    if workdir is None or job is not None:
+        return
+    try:
+        newest = newest_step(workdir)
+        print(f"the same command resumes from {newest} (step {newest.name})", file=sys.stderr)
+    except (FileNotFoundError, OSError):
+        print(f"no checkpoint in {workdir} yet: the same command starts over", file=sys.stderr)
 
 
 def main(get_config, argv, describe=describe, job=None, show=report, name: str = "") -> int:
@@ -292,20 +329,24 @@ def main(get_config, argv, describe=describe, job=None, show=report, name: str =
     if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
         print(usage(get_config))
         return 0
+    workdir = None
     try:
         config, workdir = prepare(get_config, argv, name)
         print(describe(config))
         result = (job or train_and_evaluate)(config, workdir)
     except USER_ERRORS as err:
         return _error(err, 2)
-    except NonFiniteLossError as err:
+    except NonFiniteLossError as err:  # names the newest finite checkpoint itself
         return _error(err, 1)
-    except RunStopped as stop:  # saved already; the status says which signal
+    except RunStopped as stop:  # saved already, and said so; the status says which signal
         return 128 + stop.signum
     except KeyboardInterrupt:
+        _resume_note(workdir, job)
         return 130
     except (ValueError, RuntimeError) as err:  # a run that cannot go on, e.g. eval_only with no checkpoint
-        return _error(err, 1)
+        status = _error(err, 1)
+        _resume_note(workdir, job)
+        return status
     show(config, result)
     return 0
 

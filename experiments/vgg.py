@@ -2,6 +2,8 @@
 
 Offline default: VGG-11 (configuration A) with batch norm on the digits at 64x64, a size
 the CPU trains in minutes; `--config.model_name=vgg16 --config.input_size=224` for the paper's.
+The rate is divided by 10 at 3/4 of the run (printed at start), not when the validation
+accuracy stops improving as in the paper: 2 epochs reach no plateau.
 """
 
 from ml_collections import config_dict
@@ -16,8 +18,15 @@ def get_config() -> config_dict.ConfigDict:
     c.input_size, c.resize_size = 64, 72
     c.learning_rate, c.decay_mask = 0.01, "kernels"
     c.num_epochs = 2.0
+    # Simonyan & Zisserman divide the rate by 10 when validation accuracy stops improving; a
+    # 2-epoch run divides it once, at three quarters.
+    c.schedule, c.step_boundaries = "step", (0.75,)
     return c
 
 
+def describe(c) -> str:
+    return _run.describe(c) + _run.fixed_drop_note(c, "when the validation accuracy stops improving")
+
+
 if __name__ == "__main__":
-    _run.run(get_config)
+    _run.run(get_config, describe)

@@ -41,6 +41,9 @@ CASES = [  # (arguments, what the one line must contain)
     (["--config.eval_limit=-1"], "--config.eval_limit=-1"),
     (["--config.workers=-1"], "--config.workers=-1"),
     (["--config.input_size=0"], "--config.input_size=0"),
+    (["--config.input_size=224"], "54.25, not a whole number. Set --config.input_size=227 or --config.model.floor=True"),
+    (["--config.model_name=googlenet", "--config.input_size=100"], "Set --config.input_size="),
+    (["--config.flip=yes"], "--config.flip=yes: not a boolean; write True or False"),
     (["--config.resize_size=200"], "--config.resize_size=200: must be >= --config.input_size=227"),
     (["--config.channels=2"], "--config.channels=2"),
     (["--config.store_format=png"], "--config.store_format=png"),
@@ -97,18 +100,29 @@ def test_a_valid_command_line_is_checked_with_auto_eval_batch_and_smoke_keeps_gi
 @pytest.mark.parametrize("raised,status,line", [
     (RunStopped(signal.SIGTERM), 143, ""),
     (RunStopped(signal.SIGINT), 130, ""),
-    (KeyboardInterrupt(), 130, ""),
+    (KeyboardInterrupt(), 130, "{resume}"),
     (NonFiniteLossError("loss is nan at step 3"), 1, "error: loss is nan at step 3\n"),
     (DatasetError("unknown dataset 'x': use digits"), 2, "error: unknown dataset 'x': use digits\n"),
-    (RuntimeError("--config.eval_only: no checkpoint\nin runs/x"), 1, "error: --config.eval_only: no checkpoint in runs/x\n"),
+    (RuntimeError("--config.eval_only: no checkpoint\nin runs/x"), 1,
+     "error: --config.eval_only: no checkpoint in runs/x\n{resume}"),
 ], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "runtime"])
-def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, line):
+@pytest.mark.parametrize("saved", [None, 50])
+def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, line, saved):
+    """Every way out says where the same command goes on from: the stop's own save, the
+    newest finite checkpoint, or here the newest checkpoint on disk (or none)."""
+    workdir = tmp_path / "run"
+    if saved is not None:
+        (workdir / "checkpoints" / "25" / "state").mkdir(parents=True)
+        (workdir / "checkpoints" / str(saved) / "state").mkdir(parents=True)
+
     def train(config, workdir):
         raise raised
 
     monkeypatch.setattr(_run, "train_and_evaluate", train)
-    got, _, err = run_main([f"--workdir={tmp_path / 'run'}"], tmp_path, capsys)
-    assert (got, err) == (status, line)
+    got, _, err = run_main([f"--workdir={workdir}"], tmp_path, capsys)
+    resume = (f"the same command resumes from {workdir}/checkpoints/{saved} (step {saved})\n" if saved
+              else f"no checkpoint in {workdir} yet: the same command starts over\n")
+    assert (got, err) == (status, line.format(resume=resume))
 
 
 def test_help_lists_the_flags(tmp_path, capsys):
@@ -171,6 +185,8 @@ def _library_cases():
          "parameter /fc6/kernel has shape (256, 4096) but these images of shape (2, 99, 99, 3) need (1024, 4096)"),
         ("apply 64x64", lambda: _apply(jnp.zeros((2, 64, 64, 3))), layers.GeometryError,
          "Nearest input size that fits the whole model: 67"),
+        ("apply channels-first", lambda: _apply(jnp.zeros((2, 3, 67, 67))), layers.InputError,
+         "looks channels-first (NCHW): pass images.transpose(0, 2, 3, 1)"),
         ("init 5-d", lambda: get_model("vgg11", num_classes=3).init(key, jnp.zeros((1, 2, 32, 32, 3)), train=False),
          layers.InputError, "got shape (1, 2, 32, 32, 3)"),
         ("prep float", lambda: _prep().train(jnp.zeros((2, 72, 72, 3)), key), layers.InputError,

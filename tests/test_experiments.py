@@ -24,7 +24,7 @@ def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
     assert "finished at step 3" in proc.stdout
     assert "He-normal" in proc.stdout  # the departure from the paper is said plainly
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "curves.png").is_file()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss", "train/images_per_second", "train/data_wait"} <= set(logged[0])
@@ -253,3 +253,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(data_dir, 
                       env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {workdir / 'checkpoints'}/{step}" in resumed.stdout
+
+
+def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(data_dir, tmp_path, capsys):
+    """An evaluation changes nothing a later training run compares against; with 5 classes
+    every label is in the top 5, so top-5 error is not applicable (not 0%)."""
+    from experiments import _run, alexnet
+
+    def main(*args):
+        status = _run.main(alexnet.get_config, ["alexnet", *TINY, "--config.classes=(0, 1, 2, 3, 4)",
+                                                f"--config.data_dir={data_dir}", f"--workdir={tmp_path}", *args])
+        out = capsys.readouterr().out
+        assert status == 0, out[-2000:]
+        return out
+
+    trained = main()
+    assert "top-5 error n/a (5 classes or fewer)" in trained and "top-5 error 0.0%" not in trained
+    assert "top5_error" not in json.loads(trained.strip().splitlines()[-1])
+    recorded = (tmp_path / "config.json").read_bytes()
+    evaluated = main("--config.eval_only=True")
+    assert "evaluated step 3" in evaluated and "config changed" not in evaluated
+    assert (tmp_path / "config.json").read_bytes() == recorded
+    resumed = main("--config.num_train_steps=4")
+    assert "resumed from" in resumed and "eval_only" not in resumed  # only num_train_steps: 3 -> 4 changed

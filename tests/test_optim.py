@@ -122,6 +122,12 @@ def test_schedules_match_hand_values():
         expected = 2.0 * t / 10 if t < 10 else 2.0 * 0.5 * (1 + np.cos(np.pi * (t - 10) / 100))
         assert float(cos(t)) == pytest.approx(expected, abs=1e-6)
     assert optim.make_schedule("constant", 0.3) == 0.3
+    # Warm-up before any schedule: linear from 0, then the schedule at its own (absolute) steps.
+    warm_step = optim.make_schedule("step", 1.0, boundaries=(10, 20), factor=0.1, warmup_steps=4)
+    assert [float(warm_step(t)) for t in (0, 2, 4, 9, 10, 20)] == pytest.approx([0, 0.5, 1, 1, 0.1, 0.01])
+    for kind in ("constant", "plateau"):
+        warm = optim.make_schedule(kind, 0.3, warmup_steps=3)
+        assert [float(warm(t)) for t in (0, 1, 3, 100)] == pytest.approx([0, 0.1, 0.3, 0.3])
     with pytest.raises(ValueError, match="warmup_steps"):
         optim.make_schedule("cosine", 1.0, total_steps=5, warmup_steps=5)
 
