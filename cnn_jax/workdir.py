@@ -121,8 +121,17 @@ def trains_differently(key: str, saved: dict, now: dict) -> bool:
     if key in TRAINING_KEYS or key.startswith("model."):
         return True
     if key in LENGTH_KEYS:
-        return any(c.get("schedule") in LENGTH_SCHEDULES for c in (saved, now))
+        return any(_length_shaped(c) for c in (saved, now))
     return False
+
+
+def _length_shaped(config: dict) -> bool:
+    """Whether the learning-rate schedule is laid out over the run's length: cosine, or steps
+    at fractions of the run (0.75 = three quarters through), which move when the length does."""
+    if config.get("schedule") in LENGTH_SCHEDULES:
+        return True
+    fractions = any(0 < b < 1 for b in config.get("step_boundaries") or ())
+    return config.get("schedule") == "step" and fractions
 
 
 def compare_configs(saved: dict, now: dict) -> tuple[list[str], list[str]]:

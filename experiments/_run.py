@@ -98,11 +98,13 @@ def describe(c) -> str:
 
 
 def _schedule(c) -> str:
-    """'step: x0.1 at 75%' for a step schedule (fractions as percentages of the run), else its name."""
-    if c.schedule != "step":
-        return c.schedule + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
-    at = ", ".join(f"{b:.0%}" if 0 < b < 1 else f"step {b:g}" for b in c.step_boundaries)
-    return f"step: x{c.lr_drop_factor:g} at {at}" + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
+    """'step: x0.1 at 75%' for a step schedule (fractions as percentages of the run), else its
+    name; either followed by its warm-up."""
+    name = c.schedule
+    if c.schedule == "step":
+        at = ", ".join(f"{b:.0%}" if 0 < b < 1 else f"step {b:g}" for b in c.step_boundaries)
+        name = f"step: x{c.lr_drop_factor:g} at {at}"
+    return name + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
 
 
 def fixed_drop_note(c, paper: str) -> str:

@@ -10,6 +10,9 @@ import time
 import pytest
 
 TINY = ["--config.input_size=67", "--config.resize_size=72", "--config.smoke=True"]
+# A run that is lengthened and resumed: the default drop at 75% of the run would move with its
+# length (refused on resume); the paper's plateau rule does not.
+LENGTHENED = [*TINY, "--config.schedule=plateau"]
 
 
 def run_cli(args, data_dir, env_extra=None, **kw):
@@ -57,7 +60,7 @@ def test_bad_flags_give_one_line_errors(data_dir, tmp_path, flag, needle):
 @pytest.mark.slow
 def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY,
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *LENGTHENED,
                              "--config.num_train_steps=500", f"--workdir={tmp_path}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "metrics.jsonl"
@@ -70,7 +73,7 @@ def test_ctrl_c_saves_and_the_next_run_resumes(data_dir, tmp_path):
     assert "SIGINT: saved step" in err + out
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 3
-    again = run_cli([*TINY, f"--config.num_train_steps={steps[-1] + 1}", f"--workdir={tmp_path}"], data_dir)
+    again = run_cli([*LENGTHENED, f"--config.num_train_steps={steps[-1] + 1}", f"--workdir={tmp_path}"], data_dir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {tmp_path / 'checkpoints'}/{steps[-1]}" in again.stdout
     assert f"finished at step {steps[-1] + 1}" in again.stdout
@@ -207,11 +210,11 @@ def test_a_failed_save_stops_in_one_line_and_keeps_the_previous_checkpoint(data_
     from cnn_jax.checkpoint import restore_as_numpy
 
     steps = ["--config.checkpoint_every_steps=2", "--config.eval_every_steps=2"]
-    first = run_cli([*TINY, *steps, "--config.num_train_steps=2", f"--workdir={tmp_path}"], data_dir)
+    first = run_cli([*LENGTHENED, *steps, "--config.num_train_steps=2", f"--workdir={tmp_path}"], data_dir)
     assert first.returncode == 0, first.stderr[-2000:]
     before = restore_as_numpy(tmp_path / "checkpoints" / "2" / "state")
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir))
-    proc = subprocess.run([sys.executable, "-c", CAPPED, "-m", "experiments.alexnet", *TINY, *steps,
+    proc = subprocess.run([sys.executable, "-c", CAPPED, "-m", "experiments.alexnet", *LENGTHENED, *steps,
                            "--config.num_train_steps=4", f"--workdir={tmp_path}"], env=env, capture_output=True,
                           text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -228,7 +231,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(data_dir, 
     together and exit 143; the run then resumes from it."""
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     port, workdir = free_port(), tmp_path / "run"
-    args = [*TINY, "--config.num_train_steps=200", "--config.checkpoint_every_steps=3"]
+    args = [*LENGTHENED, "--config.num_train_steps=200", "--config.checkpoint_every_steps=3"]
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *args, "--config.num_processes=2",
                                f"--config.process_id={i}", f"--config.coordinator_address=127.0.0.1:{port}",
                                f"--workdir={workdir}"], env=env, stdout=subprocess.PIPE,
@@ -261,7 +264,7 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
     from experiments import _run, alexnet
 
     def main(*args):
-        status = _run.main(alexnet.get_config, ["alexnet", *TINY, "--config.classes=(0, 1, 2, 3, 4)",
+        status = _run.main(alexnet.get_config, ["alexnet", *LENGTHENED, "--config.classes=(0, 1, 2, 3, 4)",
                                                 f"--config.data_dir={data_dir}", f"--workdir={tmp_path}", *args])
         out = capsys.readouterr().out
         assert status == 0, out[-2000:]
@@ -275,4 +278,6 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
     assert "evaluated step 3" in evaluated and "config changed" not in evaluated
     assert (tmp_path / "config.json").read_bytes() == recorded
     resumed = main("--config.num_train_steps=4")
-    assert "resumed from" in resumed and "eval_only" not in resumed  # only num_train_steps: 3 -> 4 changed
+    changed = [line for line in resumed.splitlines() if line.startswith("config changed")]
+    assert "resumed from" in resumed
+    assert changed == ["config changed since the last run: num_train_steps: 3 -> 4"], changed

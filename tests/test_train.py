@@ -108,12 +108,13 @@ def test_a_checkpoint_of_another_model_is_refused_untouched(data_dir, tmp_path):
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # eval every 2 steps with the plateau schedule: the learning-rate state must resume too.
-    result = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, keep_checkpoints=5), straight)
+    result = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, keep_checkpoints=5, schedule="plateau"), straight)
     kept = sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [2, 4, 6]  # the cadence of 2, and no extra save at step 1
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=3), resumed)
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, schedule="plateau"), resumed)
     assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())[-1] == 3
-    result_resumed = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6), resumed)
+    result_resumed = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, schedule="plateau"),
+                                              resumed)
     assert result["step"] == result_resumed["step"] == 6
     chex.assert_trees_all_close(restored_params(straight, 6), restored_params(resumed, 6), rtol=1e-6, atol=1e-7)
     assert result["top1_error"] == pytest.approx(result_resumed["top1_error"])

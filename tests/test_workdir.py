@@ -126,8 +126,8 @@ def test_only_the_writer_writes(tmp_path):
 
 
 def test_a_harmless_change_resumes_with_notes(tmp_path):
-    check_resume_config(config_dict(), tmp_path, allow_change=False)
-    changed = config_dict(log_every_steps=5, eval_batch_size=16, workers=4, mesh=(4, 2), num_epochs=90.0,
+    check_resume_config(config_dict(schedule="plateau"), tmp_path, allow_change=False)
+    changed = config_dict(schedule="plateau", log_every_steps=5, eval_batch_size=16, workers=4, mesh=(4, 2), num_epochs=90.0,
                           keep_checkpoints=5, smoke=True)
     notes = check_resume_config(changed, tmp_path, allow_change=False)
     assert notes == ["eval_batch_size: 0 -> 16", "keep_checkpoints: 2 -> 5", "log_every_steps: 10 -> 5",
@@ -159,11 +159,13 @@ def test_allow_change_goes_ahead_and_records_the_new_config(tmp_path):
     assert check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=False) == []
 
 
-@pytest.mark.parametrize("schedule,refused", [("plateau", False), ("step", False), ("constant", False),
-                                              ("cosine", True)])
-def test_the_run_length_matters_only_where_it_shapes_the_schedule(tmp_path, schedule, refused):
-    check_resume_config(config_dict(schedule=schedule), tmp_path, allow_change=False)
-    longer = config_dict(schedule=schedule, num_train_steps=500)
+@pytest.mark.parametrize("schedule,boundaries,refused", [
+    ("plateau", (), False), ("constant", (), False), ("step", (30000, 60000), False),
+    ("step", (0.5, 0.75), True),  # fractions of the run: the drops move with its length
+    ("cosine", (), True)])
+def test_the_run_length_matters_only_where_it_shapes_the_schedule(tmp_path, schedule, boundaries, refused):
+    check_resume_config(config_dict(schedule=schedule, step_boundaries=boundaries), tmp_path, allow_change=False)
+    longer = config_dict(schedule=schedule, step_boundaries=boundaries, num_train_steps=500)
     if refused:
         with pytest.raises(WorkdirError, match="num_train_steps: 0 -> 500"):
             check_resume_config(longer, tmp_path, allow_change=False)
