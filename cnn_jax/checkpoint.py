@@ -20,8 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnn_jax.config import Advice
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(Advice, RuntimeError):
     """Checkpoints that cannot be used; the message says which and what to do."""
 
 

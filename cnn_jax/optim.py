@@ -151,6 +151,9 @@ def current_learning_rate(opt_state) -> jax.Array:
 
 # ---- schedules ---------------------------------------------------------------------------
 
+SCHEDULES = ("plateau", "constant", "step", "cosine")
+
+
 def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=(),
                   factor: float = 0.1, warmup_steps: int = 0) -> float | Schedule:
     """'constant' and 'plateau' (constant here, dropped by `plateau_update`), 'step'
@@ -171,7 +174,7 @@ def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=()
             raise ValueError(f"cosine schedule: total_steps ({total_steps}) must exceed "
                              f"warmup_steps ({warmup_steps})")
         return optax.warmup_cosine_decay_schedule(0.0, base, warmup_steps, total_steps, 0.0)
-    raise ValueError(f"unknown schedule {kind!r}; choose constant, step, cosine or plateau")
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 class PlateauState(NamedTuple):

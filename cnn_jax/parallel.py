@@ -3,7 +3,7 @@
 - Data parallel (default): the global batch is sharded on 'data', parameters replicated;
   `jax.jit` with in/out shardings compiles one program for all devices, and XLA inserts the
   gradient all-reduce.
-- `pmap` (`--config.parallel=pmap`): the classic path, the same pure `train_step` with
+- `pmap` (`parallel="pmap"`): the classic path, the same pure `train_step` with
   gradients averaged by `pmean` over 'data'. Batch-norm statistics are then per device, as in
   the classic recipes (the jit path computes them over the global batch).
 - AlexNet's two towers: a model with `partition_rules` (alexnet_2tower) has its tower axis
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Callable
@@ -27,8 +28,42 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnn_jax.config import ConfigError, Set, show
 
 MODES = ("jit", "pmap")
+
+
+class MeshError(ConfigError):
+    """Devices, mesh, batch and parallel mode that do not fit together."""
+
+
+def check_mesh(mesh: tuple, towers: int, device_count: int, mode: str = "jit", process_count: int = 1,
+               model_name: str = "") -> int:
+    """The one rule for a (data, model) mesh: its product is the device count, its 'model' axis
+    holds the model's towers (1: not split), pmap runs one process with no towers. Returns the
+    'data' axis size. `mesh=()` means all devices on 'data'."""
+    mesh, named = tuple(mesh), f"model {model_name!r}" if model_name else "the model"
+    if mode not in MODES:
+        raise MeshError(f"unknown parallel mode; choose one of {', '.join(MODES)}", key="parallel", value=mode)
+    if mesh and (len(mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
+        typed = mesh[0] if len(mesh) == 1 and isinstance(mesh[0], str) else mesh  # 'abc' parses as ('abc',)
+        raise MeshError("must be () or a (data, model) pair of positive integers, e.g. {0}",
+                        Set("mesh", (device_count, 1)), key="mesh", value=typed)
+    if towers > 1 and device_count < towers:
+        raise MeshError(f"needs {towers} devices, one per tower, but {device_count} is available: run on "
+                        f"{towers} devices or simulate them with XLA_FLAGS=--xla_force_host_platform_device_count="
+                        f"{towers}", key="model_name", value=model_name or "the model")
+    fit = Set("mesh", (max(device_count // towers, 1), towers))
+    if mesh and math.prod(mesh) != device_count:
+        raise MeshError(f"needs {math.prod(mesh)} devices but {device_count} are available: use {{0}} or "
+                        f"another (data, model) pair whose product is {device_count}", fit, key="mesh", value=mesh)
+    model_axis = mesh[1] if mesh else 1
+    if model_axis != towers:
+        raise MeshError(f"{named} needs a 'model' axis of {towers}: use {{0}}", fit, key="mesh", value=mesh)
+    if mode == "pmap" and (towers > 1 or model_axis != 1 or process_count > 1):
+        raise MeshError("runs data parallel on one process only (a (devices, 1) mesh, no towers): use {0}",
+                        Set("parallel", "jit"), key="parallel", value="pmap")
+    return mesh[0] if mesh else device_count
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
@@ -39,8 +74,8 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 1, proces
     process_id = int(os.environ.get("JAX_PROCESS_ID", process_id))
     if num_processes > 1:
         if not coordinator:
-            raise ValueError(f"{num_processes} processes need a coordinator address: set "
-                             "--config.coordinator_address=HOST:PORT")
+            raise ConfigError(f"{num_processes} processes need the HOST:PORT of process 0: set {{0}} (or "
+                              "$JAX_COORDINATOR_ADDRESS)", Set("coordinator_address", "HOST:PORT"))
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
 
@@ -53,9 +88,7 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     """
     n = jax.device_count()
     shape = tuple(shape) if shape else (n, 1)
-    if len(shape) != 2 or int(np.prod(shape)) != n:
-        raise ValueError(f"mesh {shape} needs {int(np.prod(shape))} devices but {n} are available: "
-                         f"use --config.mesh='({n}, 1)' or a (data, model) pair whose product is {n}")
+    check_mesh(shape, shape[1] if len(shape) == 2 else 1, n)
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
@@ -104,11 +137,18 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def check_batch(global_batch: int, mesh: Mesh):
-    data = mesh.shape["data"]
-    if global_batch % data:
-        raise ValueError(f"global batch {global_batch} does not divide across the {data} devices of "
-                         f"the 'data' axis: use a multiple of {data} for --config.batch_size")
+def check_batch(global_batch: int, data_axis: int, process_count: int = 1, key: str = "batch_size",
+                also: str = ""):
+    """The one rule for a batch: it splits evenly over the 'data' axis and the processes (`also`:
+    another way out, added to the message)."""
+    step = math.lcm(data_axis, process_count)
+    if global_batch % step:
+        why = (f"the 'data' mesh axis has {data_axis} device(s)" +
+               (f" and there are {process_count} processes" if process_count > 1 else ""))
+        below = global_batch // step * step
+        fixes = [Set(key, below), Set(key, below + step)] if below > 0 else [Set(key, step)]
+        said = " or ".join(f"{{{i}}}" for i in range(len(fixes)))
+        raise MeshError(f"must be a multiple of {step} ({why}): use {said}{also}", *fixes, key=key, value=global_batch)
 
 
 def spec_for(path: str, rules) -> P:
@@ -151,8 +191,9 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
     per data shard.
     """
     if mesh.shape["model"] != model.towers:
-        raise ValueError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, "
-                         f"not {mesh.shape['model']}: use --config.mesh='(N, {model.towers})'")
+        raise MeshError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, not "
+                        f"{mesh.shape['model']}: use {{0}}", Set("mesh", (max(mesh.size // model.towers, 1), model.towers)),
+                        key="mesh", value=tuple(mesh.shape.values()))
     gather = functools.partial(jax.lax.all_gather, axis_name="model", axis=0, tiled=True)
 
     def combine(x):  # (1, B, k) -> (B, towers * k), this tower's k columns filled, then summed
@@ -214,12 +255,12 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     crops)` are the pure steps; `prep` (the preprocessor: image spec and dataset statistics)
     is replicated. The canonical state layout (what checkpoints hold) is `tree_shardings`'.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}: use one of {MODES}")
-    check_batch(global_batch, mesh)
     rules = getattr(model, "partition_rules", ())
+    check_mesh(tuple(mesh.shape.values()), mesh.shape["model"], mesh.size, mode, jax.process_count())
     if rules and mode == "pmap":
-        raise ValueError("the two-tower model runs with --config.parallel=jit (explicit sharding), not pmap")
+        raise MeshError("the two-tower model runs with {0} (explicit sharding)", Set("parallel", "jit"),
+                        key="parallel", value="pmap")
+    check_batch(global_batch, mesh.shape["data"])
     state_sh = tree_shardings(abstract_state, mesh, rules)
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data"))
@@ -235,8 +276,6 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
         return Runner(mesh, mode, state_sh, canonical, canonical, lambda b: place_batch(b, mesh),
                       step, eval_fn)
-    if mesh.shape["model"] != 1 or jax.process_count() > 1:
-        raise ValueError("--config.parallel=pmap runs on one host with a (devices, 1) mesh")
     devices = mesh.devices.reshape(-1)
     n = len(devices)
     pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data", in_axes=(0, 0, 0, None),

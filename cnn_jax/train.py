@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from cnn_jax import evaluate, metrics, optim, transfer, viz
 from cnn_jax.checkpoint import CheckpointError, Checkpointer
+from cnn_jax.config import Set
 from cnn_jax.data import augment, pipeline, store
 from cnn_jax.data.sources import open_split
 from cnn_jax.models import get_model
@@ -299,8 +300,8 @@ class Run:
         """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
         if not bool(all_finite((state.params, state.opt_state))):
             raise NonFiniteLossError(f"the parameters became NaN or infinite by step {step}; not saved. The newest "
-                                     f"finite checkpoint is {self._newest()}: lower --config.learning_rate and rerun "
-                                     "to resume from it")
+                                     f"finite checkpoint is {self._newest()}: lower {{0}} and rerun to resume "
+                                     "from it", Set("learning_rate"))
         self.ckpt.save(step, self.runner.host_state(state))
 
     def _newest(self) -> str:
@@ -340,20 +341,20 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     if resumed is not None:
         step = resumed
         print(f"resumed from {run.ckpt.directory}/{resumed} (step {step} of {run.total_steps})"
-              + (" (--config.init_from applies to a fresh run only)" if config.init_from else ""))
+              + (" (init_from applies to a fresh run only)" if config.init_from else ""))
     elif config.init_from:
         state = run.start_from(config.init_from, state)
     state = run.runner.place_state(state)
     if config.eval_only:
         if resumed is None and not config.init_from:
-            raise CheckpointError(f"--config.eval_only: no checkpoint in {run.ckpt.directory}; train first, "
-                                  "point --workdir at a run, or give weights with --config.init_from")
+            raise CheckpointError(f"no checkpoint in {run.ckpt.directory}; train first, point --workdir at a "
+                                  "run, or give weights with {0}", Set("init_from"), key="eval_only")
         host = run.runner.host_state(state)
         return {"step": step, **run.evaluate(host),
                 **{f"ten_crop_{k}": v for k, v in run.evaluate(host, "ten").items()}}
     if step >= run.total_steps and resumed is not None:
         print(f"the run in {run.workdir} already finished step {run.total_steps}: evaluating it; raise "
-              "--config.num_epochs or --config.num_train_steps to train further")
+              "num_epochs or num_train_steps to train further")
     stop = stack.enter_context(StopSignals())
     clock = StepClock()
     stack.callback(clock.close)

@@ -11,12 +11,13 @@ import typing
 import jax
 import numpy as np
 
+from cnn_jax.config import Advice, Set
 if typing.TYPE_CHECKING:  # annotations only: train imports this module
     from cnn_jax.timing import StepClock
     from cnn_jax.train import Run
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Advice, RuntimeError):
     """The loss became NaN or infinite; the message gives the step."""
 
 
@@ -61,8 +62,8 @@ class TrainLog:
             if not np.isfinite(stats["loss"]):
                 failed = step - len(values) + offset + 1
                 raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
-                                         f"{self.run._newest()}: lower --config.learning_rate or check the data, "
-                                         "then rerun to resume from it")
+                                         f"{self.run._newest()}: lower {{0}} or check the data, "
+                                         "then rerun to resume from it", Set("learning_rate"))
         means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         means["data_wait"] = self.clock.take()
         means["images_per_second"] = self.run.config.batch_size * len(values) / max(seconds, 1e-9)

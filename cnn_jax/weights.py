@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.config import SettingError, Set
 from cnn_jax.files import replaced_atomically
 
 
-class WeightsError(ValueError):
+class WeightsError(SettingError):
     """A weights file that cannot be read into the model; the message says why in one line."""
 
 
@@ -90,7 +91,7 @@ def layout(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
     if isinstance(model, ResNet) and not model.cifar:
         if model.shortcut != "B":
             raise WeightsError("torchvision's ResNets project their shortcuts (option B): build the model with "
-                               "shortcut='B' (--config.model.shortcut=B)")
+                               "shortcut='B' ({0})", Set("model.shortcut", "B"))
         return _resnet_prefix, {}
     if isinstance(model, AlexNetTorchvision):
         return _alexnet_prefix, {("fc6",): 256}
@@ -234,12 +235,14 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
         parts += [_listed(unexpected, "unexpected")] if unexpected else []
         heads = ("aux1.", "aux2.")
         if unexpected and all(k.startswith(heads) for k in unexpected):
-            hint = "the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
+            hint, fix = "the file has auxiliary heads: build the model with aux_heads=True ({0})", True
         elif missing and all(k.startswith(heads) for k in missing):
-            hint = "the file has no auxiliary heads: build the model with aux_heads=False (--config.model.aux_heads=False)"
+            hint, fix = "the file has no auxiliary heads: build the model with aux_heads=False ({0})", False
         else:
-            hint = "is this file for another network?"
-        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}")
+            hint, fix = "is this file for another network?", None
+        settings = () if fix is None else (Set("model.aux_heads", fix),)
+        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}",
+                           *settings)
     replaced = set()
     for key, (layer, shape) in expected.items():
         if key.endswith(".num_batches_tracked"):

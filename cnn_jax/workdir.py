@@ -20,6 +20,7 @@ import pathlib
 import socket
 import tempfile
 
+from cnn_jax.config import SettingError, Set
 from cnn_jax.files import replaced_atomically
 
 CONFIG_FILE = "config.json"
@@ -37,7 +38,7 @@ LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's len
 NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(SettingError):
     """A run folder that cannot be used; the message is one line naming --workdir and the fix."""
 
 
@@ -176,8 +177,8 @@ def check_resume_config(config, workdir, *, allow_change: bool, write: bool = Tr
     if training and not allow_change:
         more = f" (+{len(training) - SHOWN} more)" if len(training) > SHOWN else ""
         raise WorkdirError(f"--workdir={workdir} was trained with other settings: {'; '.join(training[:SHOWN])}"
-                           f"{more}: use the saved values, another --workdir, or "
-                           "--config.allow_config_change=True")
+                           f"{more}: use the saved values, another --workdir, or {{0}}",
+                           Set("allow_config_change", True))
     if (training or harmless) and write:
         write_json_atomic(path, now)
     return training + harmless

@@ -19,6 +19,8 @@ import pathlib
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="PCA colour noise on top of crops lowers error (AlexNet, ImageNet)",
@@ -26,7 +28,7 @@ CLAIM = _compare.Claim(claim="PCA colour noise on top of crops lowers error (Ale
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3, pca_noise=0.1))
     return c
 

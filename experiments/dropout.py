@@ -17,6 +17,8 @@ import pathlib
 import numpy as np
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="Dropout on fc6/fc7 removes substantial overfitting and about doubles the steps to converge (AlexNet)",
@@ -25,7 +27,7 @@ VARIANTS = {"dropout 0.5": {"model.dropout_rate": 0.5}, "no dropout": {"model.dr
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.num_train_steps = 800
     c.experiment = config_dict.ConfigDict(dict(seeds=3, converged=0.05))
     return c

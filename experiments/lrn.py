@@ -17,6 +17,8 @@ import pathlib
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="LRN lowers test error (four-layer CNN, CIFAR-10)", paper="13% -> 11% (-2 points)",
@@ -25,7 +27,7 @@ VARIANTS = {"with LRN": {"model.lrn": True}, "without LRN": {"model.lrn": False}
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "convnet4"
     c.model = config_dict.ConfigDict(dict(lrn=True, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1

@@ -17,6 +17,8 @@ import pathlib
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="Overlapping pooling (3/2 against 2/2) lowers error and overfits less (AlexNet, ImageNet)",
@@ -25,7 +27,7 @@ VARIANTS = {"overlapping 3/2": {"model.pool_window": 3}, "non-overlapping 2/2": 
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3))
     return c
 

@@ -20,6 +20,8 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax.checks import ConfigError
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="Deeper plain nets train worse, deeper residual nets better (20 against 56 layers, CIFAR-10)",
@@ -29,7 +31,7 @@ NETS = ("plain20_cifar", "plain56_cifar", "resnet20_cifar", "resnet56_cifar")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "resnet20_cifar"
     c.model = config_dict.ConfigDict(dict(shortcut="A", floor=True, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 36, 3

@@ -18,6 +18,8 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax.checks import ConfigError
+from cnn_jax.config import defaults
+
 from experiments import _compare, _run
 
 CLAIM = _compare.Claim(claim="ReLU reaches 25% training error faster than tanh (four-layer CNN, CIFAR-10)",
@@ -26,7 +28,7 @@ ACTIVATIONS = ("relu", "tanh")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "convnet4"
     c.model = config_dict.ConfigDict(dict(activation="relu", lrn=False, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1

@@ -30,7 +30,9 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax import viz
+from cnn_jax.config import defaults
 from cnn_jax.train import train_and_evaluate
+
 from experiments import _compare, _run
 
 VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
@@ -44,7 +46,7 @@ VARIANTS = {  # name: (target images, start from the pretrained net, config chan
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "lenet5_modern"
     c.model = config_dict.ConfigDict(dict(dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1

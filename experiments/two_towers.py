@@ -27,6 +27,8 @@ import jax  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from cnn_jax.checks import ConfigError  # noqa: E402
+from cnn_jax.config import defaults  # noqa: E402
+
 from experiments import _compare, _run  # noqa: E402
 
 CLAIM = _compare.Claim(claim="Two towers beat one tower with half the kernels in each convolutional layer (AlexNet)",
@@ -34,7 +36,7 @@ CLAIM = _compare.Claim(claim="Two towers beat one tower with half the kernels in
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3))
     return c
 

@@ -5,6 +5,8 @@ import signal
 
 import pytest
 
+from cnn_jax.checkpoint import CheckpointError
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.train import NonFiniteLossError, RunStopped
 from experiments import _run, alexnet
@@ -28,7 +30,7 @@ CASES = [  # (arguments, what the one line must contain)
     (["--config.parallel=xmap"], "--config.parallel=xmap"),
     (["--config.parallel=pmap", "--config.mesh=(4, 2)"], "--config.mesh=(4, 2)"),
     (["--config.mesh=abc"], "--config.mesh=abc: must be () or a (data, model) pair"),
-    (["--config.mesh=(3, 2)"], "--config.mesh: mesh (3, 2) needs 6 devices but 8 are available"),
+    (["--config.mesh=(3, 2)"], "--config.mesh=(3, 2): needs 6 devices but 8 are available: use --config.mesh='(8, 1)'"),
     (["--config.mesh=(1,)"], "--config.mesh=(1,)"),
     (["--config.model_name=alexnet_2tower"], "--config.mesh='(4, 2)'"),
     (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number > 0"),
@@ -103,9 +105,11 @@ def test_a_valid_command_line_is_checked_with_auto_eval_batch_and_smoke_keeps_gi
     (KeyboardInterrupt(), 130, "{resume}"),
     (NonFiniteLossError("loss is nan at step 3"), 1, "error: loss is nan at step 3\n"),
     (DatasetError("unknown dataset 'x': use digits"), 2, "error: unknown dataset 'x': use digits\n"),
-    (RuntimeError("--config.eval_only: no checkpoint\nin runs/x"), 1,
-     "error: --config.eval_only: no checkpoint in runs/x\n{resume}"),
-], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "runtime"])
+    (CheckpointError("no checkpoint\nin runs/x: give {0}", Set("init_from"), key="eval_only"), 1,
+     "error: --config.eval_only: no checkpoint in runs/x: give --config.init_from\n{resume}"),
+    (ConfigError("use {0}", Set("mesh", (2, 1)), key="mesh", value=(3, 1)), 2,
+     "error: --config.mesh=(3, 1): use --config.mesh='(2, 1)'\n"),
+], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "checkpoint", "config"])
 @pytest.mark.parametrize("saved", [None, 50])
 def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, line, saved):
     """Every way out says where the same command goes on from: the stop's own save, the
@@ -123,6 +127,16 @@ def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, l
     resume = (f"the same command resumes from {workdir}/checkpoints/{saved} (step {saved})\n" if saved
               else f"no checkpoint in {workdir} yet: the same command starts over\n")
     assert (got, err) == (status, line.format(resume=resume))
+
+
+def test_a_bug_keeps_its_traceback_and_says_where_to_resume(tmp_path, capsys, monkeypatch):
+    def train(config, workdir):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(_run, "train_and_evaluate", train)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        _run.main(alexnet.get_config, ["alexnet", f"--workdir={tmp_path}"])
+    assert "the same command starts over" in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(tmp_path, capsys):
@@ -199,7 +213,7 @@ def _library_cases():
         ("unknown field", lambda: get_model("alexnet", num_clases=3), ValueError, "no field(s) ['num_clases']"),
         ("make_preprocessor", lambda: augment.make_preprocessor(np.zeros((32, 32, 3)), np.zeros(3), np.eye(3),
                                                                 input_size=67, flip=True, pca_noise=0.0),
-         ValueError, "raise --config.resize_size"),
+         ValueError, "raise config.resize_size"),
     ]
 
 

@@ -114,7 +114,7 @@ def test_viz_cli_reads_a_checkpoint_written_on_other_devices(data_dir, tmp_path)
 
 def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
     proc = run_cli([*TINY, "--config.mesh=(3, 2)", f"--workdir={tmp_path}"], data_dir)
-    assert proc.returncode != 0 and "mesh (3, 2) needs 6 devices but 8" in proc.stderr
+    assert proc.returncode != 0 and "--config.mesh=(3, 2): needs 6 devices but 8" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

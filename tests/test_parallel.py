@@ -68,10 +68,12 @@ def runner_params(model, mode, mesh_shape, steps=STEPS):
 
 
 def test_mesh_and_batch_errors_name_both_numbers():
-    with pytest.raises(ValueError, match=r"mesh \(4, 4\) needs 16 devices but 8"):
+    with pytest.raises(parallel.MeshError, match=r"config.mesh=\(4, 4\): needs 16 devices but 8"):
         parallel.make_mesh((4, 4))
-    with pytest.raises(ValueError, match=r"global batch 12 does not divide across the 8 devices"):
-        parallel.check_batch(12, parallel.make_mesh())
+    with pytest.raises(parallel.MeshError, match=r"config.batch_size=12: must be a multiple of 8 \(the 'data' mesh "
+                                                 r"axis has 8 device\(s\)\): use config.batch_size=8 or "
+                                                 r"config.batch_size=16$"):
+        parallel.check_batch(12, parallel.make_mesh().shape["data"])
     with pytest.raises(ValueError, match="unknown parallel mode"):
         parallel.make_runner("gspmd", parallel.make_mesh(), None, None, None, None, 8)
 

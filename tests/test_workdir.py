@@ -141,7 +141,7 @@ def test_a_training_change_is_refused_with_each_key(tmp_path):
     with pytest.raises(WorkdirError) as err:
         check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=False)
     assert str(err.value) == (f"--workdir={tmp_path} was trained with other settings: learning_rate: 0.01 -> 0.1: "
-                              "use the saved values, another --workdir, or --config.allow_config_change=True")
+                              "use the saved values, another --workdir, or config.allow_config_change=True")
     assert saved(tmp_path)["learning_rate"] == 0.01  # nothing rewritten
     with pytest.raises(WorkdirError) as err:
         check_resume_config(config_dict(batch_size=64, seed=1, model__dropout_rate=0.3, model_name="alexnet_bn",

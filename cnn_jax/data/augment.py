@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.layers import InputError
 
 
@@ -49,7 +50,7 @@ class Preprocessor(struct.PyTreeNode):
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise InputError(f"the preprocessor takes stored uint8 images of shape (batch, {', '.join(map(str, want))}), "
                              f"got {tuple(images.shape)}: pass batches from the prepared store, whose size is "
-                             "--config.resize_size")
+                             "the config's resize_size")
         if images.dtype != jnp.uint8:
             raise InputError(f"the preprocessor takes uint8 pixels (0..255), got {images.dtype}: pass the stored "
                              "images as they are; it subtracts the mean itself")
@@ -100,8 +101,8 @@ class Preprocessor(struct.PyTreeNode):
 def make_preprocessor(mean, eigenvalues, eigenvectors, *, input_size: int, flip: bool,
                       pca_noise: float) -> Preprocessor:
     if mean.shape[0] < input_size:
-        raise ValueError(f"stored images of {mean.shape[0]}x{mean.shape[1]} are smaller than the "
-                         f"{input_size}x{input_size} input: raise --config.resize_size")
+        raise ConfigError(f"stored images of {mean.shape[0]}x{mean.shape[1]} are smaller than the "
+                          f"{input_size}x{input_size} input: raise {{0}}", Set("resize_size"))
     as_array: Any = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     return Preprocessor(as_array(mean), as_array(eigenvalues), as_array(eigenvectors),
                         input_size=input_size, flip=flip, pca_noise=float(pca_noise))

@@ -19,6 +19,7 @@ import functools
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnn_jax.config import Set
 from cnn_jax.data import transforms
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import Store, StoreSpec, default_workers
@@ -73,7 +74,7 @@ def check_enough(images: int, batch_size: int):
     prepared, and on the prepared store's, which has lost any undecodable images)."""
     if images < batch_size:
         raise DatasetError(f"the training split has {images} images, fewer than one batch of {batch_size}: "
-                           "lower --config.batch_size or add images")
+                           "lower {0} or add images", Set("batch_size"))
 
 
 class TrainStream:

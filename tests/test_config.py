@@ -1,0 +1,49 @@
+"""The settings schema and its errors: one line in Python's words, the same line in flags."""
+
+import pickle
+
+import pytest
+
+from cnn_jax import config as config_lib, workdir
+from cnn_jax.config import ConfigError, Set, SettingError
+
+
+def test_an_error_names_its_key_and_settings_in_either_notation():
+    err = ConfigError("must be a multiple of 4: use {0} or {1}", Set("mesh", (4, 2)), Set("batch_size", 28),
+                      key="batch_size", value=30)
+    assert str(err) == "config.batch_size=30: must be a multiple of 4: use config.mesh=(4, 2) or config.batch_size=28"
+    assert err.render("--config.", shell=True) == ("--config.batch_size=30: must be a multiple of 4: use "
+                                                   "--config.mesh='(4, 2)' or --config.batch_size=28")
+
+
+def test_shell_quoting_keeps_a_value_one_word():
+    assert Set("freeze", "^conv").render("--config.", shell=True) == "--config.freeze=^conv"
+    assert Set("freeze", "it's (x)").render("--config.", shell=True) == "--config.freeze='it'\\''s (x)'"
+    assert Set("classes", (5,)).render() == "config.classes=(5,)"
+    assert Set("data_dir").render("--config.") == "--config.data_dir"
+
+
+def test_text_without_settings_keeps_its_braces():
+    assert str(SettingError("keys {'a': 1} differ")) == "keys {'a': 1} differ"
+
+
+def test_errors_survive_pickling_with_their_parts():  # raised in worker processes
+    err = pickle.loads(pickle.dumps(ConfigError("use {0}", Set("mesh", (2, 1)), key="mesh", value=(3, 1))))
+    assert type(err) is ConfigError and err.key == "mesh" and str(err) == "config.mesh=(3, 1): use config.mesh=(2, 1)"
+
+
+def test_the_schema_holds_every_key_that_decides_what_is_trained():
+    keys = set(config_lib.defaults().keys())
+    assert workdir.TRAINING_KEYS <= keys, workdir.TRAINING_KEYS - keys
+    assert workdir.LENGTH_KEYS <= keys and workdir.NOT_RECORDED <= keys
+
+
+@pytest.mark.parametrize("error", ["DatasetError", "StoreError", "WorkdirError", "TransferError", "WeightsError",
+                                   "MeshError"])
+def test_every_error_about_a_setting_is_a_setting_error(error):
+    from cnn_jax import parallel, transfer, weights
+    from cnn_jax.data import sources, store
+
+    owners = {"DatasetError": sources, "StoreError": store, "WorkdirError": workdir, "TransferError": transfer,
+              "WeightsError": weights, "MeshError": parallel}
+    assert issubclass(getattr(owners[error], error), SettingError)
