@@ -21,20 +21,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cnn_jax.config import Advice
+from cnn_jax.trees import path_name
 
 
 class CheckpointError(Advice, RuntimeError):
     """Checkpoints that cannot be used; the message says which and what to do."""
 
 
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
-
-
 def shapes(tree) -> dict:
     """{'params/conv1/kernel': shape, ...} of a tree of arrays or orbax metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+    return {path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
 def mismatch(saved: dict, wanted: dict) -> str:

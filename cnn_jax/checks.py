@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import numbers
 import os
@@ -22,6 +21,7 @@ import ml_collections
 from cnn_jax import optim, parallel
 from cnn_jax.config import ConfigError, Set, show
 from cnn_jax.data import store
+from cnn_jax.models import abstract_variables
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CHANNELS = (1, 3)
@@ -131,7 +131,7 @@ def check_geometry(config, model):
     from cnn_jax.layers import GeometryError
 
     try:
-        _trace_init(model, config.input_size, config.channels)
+        abstract_variables(model, config.input_size, config.channels)
     except GeometryError as err:
         fixes = [Set("input_size", err.suggestion)] if err.suggestion else []
         if any(f.name == "floor" for f in dataclasses.fields(model)):
@@ -141,15 +141,6 @@ def check_geometry(config, model):
         raise ConfigError(f"does not fit {config.model_name}: {err.problem} Set "
                           f"{' or '.join(said) or 'another input size'}", *fixes,
                           key="input_size", value=config.input_size) from None
-
-
-@functools.lru_cache(maxsize=64)
-def _trace_init(model, size: int, channels: int):
-    import jax
-    import jax.numpy as jnp
-
-    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                   jnp.zeros((1, size, size, channels), jnp.float32))
 
 
 def check_dtype(key: str, value):
@@ -279,14 +270,10 @@ def check_start(config, model):
 
 def check_freezing(config, model):
     """The freeze and backbone patterns against the model's parameter paths (shapes only)."""
-    import jax
-    import jax.numpy as jnp
-
     from cnn_jax import transfer
 
-    x = jnp.zeros((1, config.input_size, config.input_size, config.channels), jnp.float32)
     try:
-        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
+        params = abstract_variables(model, config.input_size, config.channels)["params"]
         transfer.describe_training(params, **transfer.patterns(model, config))
     except transfer.TransferError as err:
         raise ConfigError(str(err), key="freeze" if config.freeze else "head_only") from None

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnn_jax.trees import path_name
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -102,7 +104,7 @@ def parameter_labels(frozen: str = "", slow: str = "") -> Callable:
     regular expressions on its path ('conv1/kernel', 'stage1_block1/bn1/scale')."""
 
     def label(path, _):
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = path_name(path)
         if frozen and re.search(frozen, name):
             return "frozen"
         return "slow" if slow and re.search(slow, name) else "train"

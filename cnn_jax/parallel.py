@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnn_jax.config import ConfigError, Set, show
+from cnn_jax.trees import path_name
 
 MODES = ("jit", "pmap")
 
@@ -159,16 +160,12 @@ def spec_for(path: str, rules) -> P:
     return P()
 
 
-def _path(keypath) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
-
-
 def tree_specs(tree, rules=()):
     """A PartitionSpec for every leaf of `tree` (arrays or ShapeDtypeStructs), from `rules`;
     scalars are replicated. Rules match parameter paths, so the optimiser's copies of the
     parameters (momentum) shard like the parameters themselves."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: spec_for(_path(kp), rules) if np.ndim(leaf) else P(), tree)
+        lambda kp, leaf: spec_for(path_name(kp), rules) if np.ndim(leaf) else P(), tree)
 
 
 def tree_shardings(tree, mesh: Mesh, rules=()):

@@ -300,11 +300,11 @@ class Run:
         """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
         if not bool(all_finite((state.params, state.opt_state))):
             raise NonFiniteLossError(f"the parameters became NaN or infinite by step {step}; not saved. The newest "
-                                     f"finite checkpoint is {self._newest()}: lower {{0}} and rerun to resume "
+                                     f"finite checkpoint is {self.newest()}: lower {{0}} and rerun to resume "
                                      "from it", Set("learning_rate"))
         self.ckpt.save(step, self.runner.host_state(state))
 
-    def _newest(self) -> str:
+    def newest(self) -> str:
         step = self.ckpt.latest_step()
         return f"{self.ckpt.directory}/{step}" if step is not None else "none (the run starts over)"
 
@@ -364,7 +364,7 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
         stack.callback(feed.close)
     bar = stack.enter_context(tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
                                    desc=f"{config.model_name} on {config.dataset}"))
-    log, result, saved, stopping = TrainLog(run, clock, bar), {}, resumed, False
+    log, result, saved, stopping = TrainLog(run.writer, clock, bar, batch_size=config.batch_size, newest=run.newest), {}, resumed, False
     while step < run.total_steps:
         # One process decides alone; several stop together, at a log step they agreed on.
         if stopping or (run.processes == 1 and stop.signum is not None):

@@ -30,6 +30,7 @@ import numpy as np
 
 from cnn_jax.config import SettingError, Set
 from cnn_jax.files import replaced_atomically
+from cnn_jax.models import abstract_variables
 
 
 class WeightsError(SettingError):
@@ -99,12 +100,6 @@ def layout(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
         return _googlenet_prefix, {("aux1", "fc1"): 128, ("aux2", "fc1"): 128}
     raise WeightsError(f"{type(model).__name__} has no torchvision layout: weights load into vgg11..vgg19(_bn), "
                        "resnet18..resnet152, googlenet_torchvision and alexnet_torchvision")
-
-
-def abstract_variables(model: nn.Module) -> dict:
-    """The model's variables as shapes (nothing is computed)."""
-    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False))
 
 
 def layers(model: nn.Module, variables=None) -> list[Layer]:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision", "convnet")
@@ -77,3 +80,13 @@ def get_model(name: str, **overrides) -> nn.Module:
         raise ValueError(f"model {name!r} has no field(s) {sorted(unknown)}; "
                          f"its fields are {sorted(_fields(factory))}")
     return factory(**overrides)
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_variables(model: nn.Module, size: int | None = None, channels: int | None = None) -> dict:
+    """The model's variables as shapes, traced at a (size, size, channels) input (default: the
+    model's own `input_shape`); nothing is computed, and each (model, input) is traced once.
+    A size the model's geometry does not allow raises its `GeometryError`."""
+    shape = tuple(model.input_shape) if size is None else (size, size, channels)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, *shape), jnp.float32))
