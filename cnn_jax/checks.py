@@ -19,7 +19,7 @@ import re
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.config import ConfigError, Set, show
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.data import store
 from cnn_jax.models import abstract_variables
 

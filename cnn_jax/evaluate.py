@@ -11,8 +11,6 @@ import numpy as np
 
 from cnn_jax.config import ConfigError, Set
 
-CROPS = ("centre", "ten")
-
 
 def summarise(sums: dict | None, classes: int | None = None) -> dict:
     """Means per example from the summed eval outputs. Non-finite outputs are reported as a

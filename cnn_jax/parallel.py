@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax.config import ConfigError, Set, show
+from cnn_jax.config import ConfigError, Set
+from cnn_jax.data.augment import CROPS
 from cnn_jax.trees import path_name
 
 MODES = ("jit", "pmap")
@@ -262,7 +263,7 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data"))
     evals = {crops: jit(functools.partial(eval_step, crops=crops), in_shardings=(state_sh, batch_sh, replicated),
-                            out_shardings=replicated) for crops in ("centre", "ten")}
+                            out_shardings=replicated) for crops in CROPS}
 
     def eval_fn(state, batch, prep, crops="centre"):
         return evals[crops](state, batch, prep)

@@ -241,7 +241,6 @@ class Run:
         stats = _statistics(self.train_store, self.process)  # of the whole split, subsets or not
         self.train_store = store.subset(self.train_store, tuple(config.classes), config.train_per_class)
         self.eval_store = store.subset(self.eval_store, tuple(config.classes))
-        pipeline.check_enough(len(self.train_store), config.batch_size)
         self.prep = augment.make_preprocessor(stats["mean"], stats["eigenvalues"], stats["eigenvectors"],
                                               input_size=spec.input_size, flip=spec.flip,
                                               pca_noise=spec.pca_noise)

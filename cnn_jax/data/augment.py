@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from cnn_jax.config import ConfigError, Set
+
+CROPS = ("centre", "ten")  # the evaluations a Preprocessor offers: one centre crop, the paper's ten
 from cnn_jax.layers import InputError
 
 
@@ -91,7 +93,7 @@ class Preprocessor(struct.PyTreeNode):
         if crops == "centre":
             return x[:, centre:centre + size, centre:centre + size]
         if crops != "ten":
-            raise ValueError(f"unknown crops {crops!r}: use 'centre' or 'ten'")
+            raise ValueError(f"unknown crops {crops!r}: use one of {', '.join(CROPS)}")
         origins = [(0, 0), (0, side - size), (side - size, 0), (side - size, side - size), (centre, centre)]
         views = [x[:, t:t + size, l:l + size] for t, l in origins]
         views += [v[:, :, ::-1] for v in views]
