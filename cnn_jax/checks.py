@@ -21,7 +21,7 @@ import ml_collections
 from cnn_jax import optim, parallel
 from cnn_jax.config import ConfigError, Set
 from cnn_jax.data import store
-from cnn_jax.models import abstract_variables
+from cnn_jax.models import abstract_variables, spec_of
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CHANNELS = (1, 3)
@@ -299,11 +299,6 @@ def check_processes(config):
               Set("num_processes", config.num_processes))
 
 
-def towers_of(model) -> int:
-    """How many devices on the 'model' axis the model needs (1: it is not split)."""
-    return int(getattr(model, "towers", 2)) if getattr(model, "partition_rules", ()) else 1
-
-
 def check_batches(config, data_axis: int, process_count: int) -> int:
     """batch_size and eval_batch_size split evenly over the data axis and the processes;
     returns the eval batch size (0 in the config: auto)."""
@@ -330,7 +325,7 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_length(config)
         check_cadence(config)
         choice(config, "parallel", parallel.MODES, "parallel mode")
-        data_axis = parallel.check_mesh(config.mesh, towers_of(model), device_count, config.parallel,
+        data_axis = parallel.check_mesh(config.mesh, spec_of(model).towers, device_count, config.parallel,
                                         process_count, config.model_name)
         eval_batch = check_batches(config, data_axis, process_count)
     except (AttributeError, KeyError) as err:  # a config without a key these checks read

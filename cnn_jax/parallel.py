@@ -6,7 +6,7 @@
 - `pmap` (`parallel="pmap"`): the classic path, the same pure `train_step` with
   gradients averaged by `pmean` over 'data'. Batch-norm statistics are then per device, as in
   the classic recipes (the jit path computes them over the global batch).
-- AlexNet's two towers: a model with `partition_rules` (alexnet_2tower) has its tower axis
+- AlexNet's two towers: a model whose spec has `partition_rules` (alexnet_2tower) has its tower axis
   split over 'model', and its forward pass runs under `jax.shard_map` with the towers'
   activations exchanged by `all_gather` exactly where the paper's GPUs communicate.
 - Multi-host: `initialize_distributed` before anything else; each process loads its own
@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cnn_jax.config import ConfigError, Set
 from cnn_jax.data.augment import CROPS
+from cnn_jax.models import spec_of
 from cnn_jax.trees import path_name
 
 MODES = ("jit", "pmap")
@@ -203,7 +204,7 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
     def apply(variables, x, *, train: bool, rngs=None, mutable=False):
         if mutable:
             raise ValueError("the two-tower model keeps no mutable state")
-        specs = tree_specs(variables, model.partition_rules)
+        specs = tree_specs(variables, spec_of(model).partition_rules)
         key = (rngs or {}).get("dropout", jax.random.key(0))
 
         def body(v, images, key):
@@ -242,7 +243,7 @@ class Runner:
 
 def apply_fn(model: nn.Module, mesh: Mesh) -> Callable:
     """The model's apply for this mesh: tower-sharded for models that declare partition rules."""
-    return towers_apply(model, mesh) if getattr(model, "partition_rules", ()) else model.apply
+    return towers_apply(model, mesh) if spec_of(model).partition_rules else model.apply
 
 
 def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_step: Callable,
@@ -253,8 +254,8 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     crops)` are the pure steps; `prep` (the preprocessor: image spec and dataset statistics)
     is replicated. The canonical state layout (what checkpoints hold) is `tree_shardings`'.
     """
-    rules = getattr(model, "partition_rules", ())
     check_mesh(tuple(mesh.shape.values()), mesh.shape["model"], mesh.size, mode, jax.process_count())
+    rules = spec_of(model).partition_rules
     if rules and mode == "pmap":
         raise MeshError("the two-tower model runs with {0} (explicit sharding)", Set("parallel", "jit"),
                         key="parallel", value="pmap")

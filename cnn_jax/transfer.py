@@ -23,6 +23,7 @@ import numpy as np
 from cnn_jax import weights
 from cnn_jax.checkpoint import newest_step, restore_as_numpy, shapes
 from cnn_jax.config import SettingError
+from cnn_jax.models import spec_of
 
 
 class TransferError(SettingError):
@@ -31,7 +32,7 @@ class TransferError(SettingError):
 
 def head_of(model) -> tuple[str, ...]:
     """The model's head: the module paths of the layers that follow `num_classes`."""
-    return tuple(getattr(type(model), "head", ()))
+    return spec_of(model).head
 
 
 def all_but_head(model) -> str:

@@ -114,7 +114,7 @@ def test_two_tower_parameter_count_and_layout():
     model = towers()
     mesh = parallel.make_mesh((4, 2))
     state = fresh_state(model)
-    shardings = parallel.tree_shardings(state, mesh, model.partition_rules)
+    shardings = parallel.tree_shardings(state, mesh, model.spec.partition_rules)
     assert shardings.params["conv2"]["kernel"].spec == P("model")
     assert shardings.opt_state.inner_state[1].velocity["fc6"]["kernel"].spec == P("model")
     assert shardings.step.spec == P()
@@ -130,7 +130,7 @@ def test_two_towers_sharded_equal_unsharded():
     params = fresh_state(model).params
     expected = model.apply({"params": params}, x, train=False)
     apply = parallel.towers_apply(model, mesh)
-    sharded = jax.device_put({"params": params}, parallel.tree_shardings({"params": params}, mesh, model.partition_rules))
+    sharded = jax.device_put({"params": params}, parallel.tree_shardings({"params": params}, mesh, model.spec.partition_rules))
     chex.assert_trees_all_close(jax.jit(lambda v, x: apply(v, x, train=False))(sharded, x), expected, **TOL)
     # and after three training steps on a (4, 2) mesh
     assert_params_close(runner_params(model, "jit", (4, 2)), single_device_params(model))

@@ -15,16 +15,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnn_jax.models.spec import ModelSpec, TorchLayout, spec_of
+
+__all__ = ["register", "list_models", "get_model", "model_defaults", "variant_fields", "abstract_variables",
+           "ModelSpec", "TorchLayout", "spec_of"]
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision", "convnet")
 
 
 def register(name: str):
-    """Registers a module class or factory under `name` (decorator)."""
+    """Registers a module class or factory under `name` (decorator). The class declares its
+    `spec` (a `ModelSpec`): what training, transfer and the weight importer may know of it."""
 
     def add(factory):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
+        if not isinstance(getattr(getattr(factory, "func", factory), "spec", None), ModelSpec):
+            raise TypeError(f"model {name!r}: its class must declare spec = ModelSpec(head=...)")
         _REGISTRY[name] = factory
         return factory
 
