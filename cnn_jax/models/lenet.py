@@ -130,6 +130,8 @@ class _LeNet(nn.Module):
 class LeNet5(_LeNet):
     """The paper's LeNet-5; returns -RBF penalties as float32 logits (10 classes only)."""
 
+    spec = ModelSpec(head=())  # the RBF output's prototypes are fixed: no head to replace or train
+
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
