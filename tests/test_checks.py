@@ -208,7 +208,7 @@ def test_a_config_missing_keys_is_one_line():
 
 def test_step_boundaries_as_fractions_of_the_run():
     """He et al.'s CIFAR drops at 32k and 48k of 64k iterations, as (0.5, 0.75) of any run."""
-    from cnn_jax.train import step_boundaries
+    from cnn_jax.builders import step_boundaries
 
     assert check(step_boundaries=(0.5, 0.75)).step_boundaries == (0.5, 0.75)
     assert step_boundaries((0.5, 0.75), 184) == (92, 138)

@@ -132,7 +132,7 @@ def test_class_subsets_relabel_and_cap_the_training_images(data_dir):
     from cnn_jax.data import store
     from cnn_jax.data.sources import open_split
     from cnn_jax.data.pipeline import ImageSpec
-    from cnn_jax.train import _prepared
+    from cnn_jax.builders import _prepared
 
     split = open_split("digits", "train", str(data_dir))
     full = _prepared(split, ImageSpec(32, 32, False, 1, 0.0, "raw"), 1, 0)
