@@ -74,11 +74,15 @@ def slug(text: str) -> str:
 
 
 def with_values(config, values: dict) -> config_dict.ConfigDict:
-    """A copy of `config` with `values` set; 'model.x' keys set the model's fields."""
+    """A copy of `config` with `values` set; dotted keys ('model.x', 'experiment.seeds') reach
+    into the nested blocks."""
     run = config_dict.ConfigDict(config.to_dict())
     with run.unlocked():
         for key, value in values.items():
-            target, name = (run.model, key.removeprefix("model.")) if key.startswith("model.") else (run, key)
+            *parents, name = key.split(".")
+            target = run
+            for parent in parents:
+                target = target[parent]
             setattr(target, name, value)
     return run
 
