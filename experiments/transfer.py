@@ -32,7 +32,7 @@ from ml_collections import config_dict
 from cnn_jax import viz
 from cnn_jax.config import defaults
 
-from experiments import _compare, _run
+from experiments import _compare, _report, _run
 
 VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
     "small, head only": ("small", True, dict(head_only=True)),
@@ -129,4 +129,4 @@ def verdict(summary: dict, size: str) -> str:
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="transfer")
+    _run.run(get_config, job=run_all, show=_report.show, name="transfer")
