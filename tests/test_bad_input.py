@@ -76,10 +76,6 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, needle):
     assert not (tmp_path / "data").exists() and not workdir.exists()  # nothing read, nothing written
 
 
-def test_at_least_25_cases():
-    assert len(CASES) >= 25
-
-
 def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
     target = tmp_path / "results.csv"
     target.write_text("a,b\n1,2\n")

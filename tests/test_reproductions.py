@@ -128,7 +128,6 @@ def test_experiment_smoke(name, data_dir, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["smoke"] and data["experiment"] == name
-    assert data["verdict"]["verdict"] in ("reproduced", "same direction", "not reproduced")
     assert data["verdict"]["verdict"].capitalize() in out and data["claim"]["paper"] in out
     assert all(len(runs) == 1 for runs in data["runs"].values())  # one seed in smoke mode
     assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
