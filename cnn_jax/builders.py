@@ -61,7 +61,8 @@ def build_data(config, process: int = 0, processes: int = 1) -> Data:
     train_store = store.subset(train_store, tuple(config.classes), config.train_per_class)
     eval_store = store.subset(eval_store, tuple(config.classes))
     prep = augment.make_preprocessor(stats["mean"], stats["eigenvalues"], stats["eigenvectors"],
-                                     input_size=spec.input_size, flip=spec.flip, pca_noise=spec.pca_noise)
+                                     input_size=spec.input_size, flip=spec.flip, pca_noise=spec.pca_noise,
+                                     normalize=config.normalize, channel_std=stats["channel_std"])
     stream = pipeline.TrainStream(train_store, batch_size=config.batch_size, seed=config.seed,
                                   shard_index=process, shard_count=processes)
     return Data(train_store, eval_store, prep, stream, num_classes, workers,

@@ -20,7 +20,7 @@ import ml_collections
 
 from cnn_jax import optim, parallel
 from cnn_jax.config import ConfigError, Set
-from cnn_jax.data import store
+from cnn_jax.data import augment, store
 from cnn_jax.models import abstract_variables, spec_of
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -210,6 +210,7 @@ def check_data(config):
         _fail("resize_size", config.resize_size, "must be >= {0} (crops are cut from the resized image)",
               Set("input_size", config.input_size))
     choice(config, "channels", CHANNELS, "channel count (1: grey, 3: RGB)")
+    augment.check_normalize(config.normalize, config.channels)
     choice(config, "store_format", store.FORMATS, "store format")
     number_in(config, "pca_noise", 0.0)
     int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")

@@ -78,6 +78,18 @@ class ConfigError(SettingError):
     """A config value that cannot run, found before any data is read."""
 
 
+# What a resumed run may change. How a run is watched, stored or placed may change freely; the
+# length matters only where the schedule is laid out over it; the rest (a new key too, and
+# every model field) changes what is trained and is refused unless allow_config_change.
+WATCHING = frozenset({"checkpoint_every_steps", "coordinator_address", "data_dir", "eval_batch_size",
+                      "eval_every_steps", "eval_limit", "eval_split", "init_from", "keep_checkpoints",
+                      "log_every_steps", "mesh", "new_head", "num_processes", "parallel", "process_id", "smoke",
+                      "workers"})
+LENGTH = frozenset({"num_epochs", "num_train_steps"})
+NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
+OWN_BLOCKS = ("experiment.",)  # an experiment's own settings: its runs' keys say what each trains
+
+
 def defaults() -> config_dict.ConfigDict:
     """Every key a run reads, with its default; experiments override values. An experiment of
     many runs keeps its own settings under one key of its own (`experiment`)."""
@@ -89,6 +101,7 @@ def defaults() -> config_dict.ConfigDict:
     c.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.train_split, c.eval_split = "train", "validation"
     c.input_size, c.resize_size, c.channels = 227, 256, 3
+    c.normalize = "mean_image"  # the paper's; 'channel' (the training set's), 'imagenet' (torchvision's weights)
     c.store_format = "raw"  # prepared images: 'raw' uint8 pixels, or 'jpeg' (smaller on disk, lossy)
     c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
     c.pca_noise = 0.1  # the paper's colour augmentation: alpha_i ~ N(0, 0.1); 0 turns it off

@@ -71,6 +71,9 @@ class Run:
         state, start = transfer.start_state(state, source, self.model, self.config.new_head)
         if self.process == 0:
             print(start.describe())
+            if not pathlib.Path(source).is_dir() and self.config.normalize != "imagenet":
+                print(f"note: torchvision's weights were trained on inputs normalised by ImageNet's channel means "
+                      f"and deviations (normalize='imagenet'); this run uses normalize={self.config.normalize!r}")
         return jax.device_put(state, self.runner.state_shardings)
 
     def evaluate(self, state, crops: str = "centre") -> dict:

@@ -20,6 +20,7 @@ import pathlib
 import socket
 import tempfile
 
+from cnn_jax import config as config_lib
 from cnn_jax.config import SettingError, Set
 from cnn_jax.files import replaced_atomically
 
@@ -27,15 +28,8 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 SHOWN = 3  # differing keys listed in an error; the rest are counted
 
-# Keys that change what is trained: a resume with other values is refused unless allowed.
-TRAINING_KEYS = frozenset({
-    "model_name", "dataset", "train_split", "input_size", "resize_size", "channels", "store_format",
-    "flip", "pca_noise", "optimizer", "learning_rate", "momentum", "weight_decay", "decay_mask", "schedule",
-    "lr_drop_factor", "plateau_patience", "plateau_max_drops", "step_boundaries", "warmup_steps",
-    "aux_weight", "batch_size", "seed", "classes", "train_per_class", "freeze", "head_only", "backbone_lr_scale"})
-LENGTH_KEYS = frozenset({"num_epochs", "num_train_steps"})
+# Which keys change what is trained: config.WATCHING, config.LENGTH, config.NOT_RECORDED.
 LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's length
-NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 
 
 class WorkdirError(SettingError):
@@ -110,7 +104,7 @@ def _flat(config, prefix: str = "") -> dict:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
-    return {k: v for k, v in out.items() if k not in NOT_RECORDED}
+    return {k: v for k, v in out.items() if k not in config_lib.NOT_RECORDED}
 
 
 def _show(value) -> str:
@@ -119,11 +113,9 @@ def _show(value) -> str:
 
 def trains_differently(key: str, saved: dict, now: dict) -> bool:
     """Whether a change of `key` changes what is trained (rather than how it is watched)."""
-    if key in TRAINING_KEYS or key.startswith("model."):
-        return True
-    if key in LENGTH_KEYS:
+    if key in config_lib.LENGTH:
         return any(_length_shaped(c) for c in (saved, now))
-    return False
+    return key not in config_lib.WATCHING and not key.startswith(config_lib.OWN_BLOCKS)
 
 
 def _length_shaped(config: dict) -> bool:

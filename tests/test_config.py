@@ -32,10 +32,20 @@ def test_errors_survive_pickling_with_their_parts():  # raised in worker process
     assert type(err) is ConfigError and err.key == "mesh" and str(err) == "config.mesh=(3, 1): use config.mesh=(2, 1)"
 
 
-def test_the_schema_holds_every_key_that_decides_what_is_trained():
+def test_the_resume_rules_name_only_keys_of_the_schema():
     keys = set(config_lib.defaults().keys())
-    assert workdir.TRAINING_KEYS <= keys, workdir.TRAINING_KEYS - keys
-    assert workdir.LENGTH_KEYS <= keys and workdir.NOT_RECORDED <= keys
+    for group in (config_lib.WATCHING, config_lib.LENGTH, config_lib.NOT_RECORDED):
+        assert group <= keys, group - keys
+
+
+def test_a_new_key_changes_what_is_trained_until_said_otherwise(tmp_path):
+    """A key the resume rules do not list is refused on change: silently resuming a run with a
+    changed setting would be the worse mistake."""
+    saved = {"brand_new": 1, "log_every_steps": 10, "experiment.seeds": 3}
+    now = {"brand_new": 2, "log_every_steps": 5, "experiment.seeds": 5}
+    training, harmless = workdir.compare_configs(saved, now)
+    assert training == ["brand_new: 1 -> 2"]
+    assert harmless == ["experiment.seeds: 3 -> 5", "log_every_steps: 10 -> 5"]
 
 
 @pytest.mark.parametrize("error", ["DatasetError", "StoreError", "WorkdirError", "TransferError", "WeightsError",
