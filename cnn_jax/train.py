@@ -25,7 +25,7 @@ from cnn_jax.steps import (TrainState, _plateau_arrays, all_finite, create_train
                            loss_and_metrics, train_step)
 from cnn_jax.timing import StepClock
 from cnn_jax.train_log import NonFiniteLossError, TrainLog
-from cnn_jax.writers import MetricWriter
+from cnn_jax.writers import MetricWriter, warnings_log
 
 __all__ = ["RunStopped", "NonFiniteLossError", "TrainState", "create_train_state", "train_step", "eval_step",
            "loss_and_metrics", "train_and_evaluate"]
@@ -124,6 +124,7 @@ def train_and_evaluate(config, workdir) -> dict:
     first = jax.process_index() == 0
     workdir = workdirs.open_workdir(workdir)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings_log(workdir, enabled=first))
         if first:
             stack.enter_context(workdirs.workdir_lock(workdir))
         for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,

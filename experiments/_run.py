@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -318,8 +319,19 @@ def _no_orbax_thread_tracebacks(record) -> bool:
     return True
 
 
+OWN_CODE = (f"{os.sep}cnn_jax{os.sep}", f"{os.sep}experiments{os.sep}")
+
+
+def _own_or_severe(record) -> bool:
+    """The console shows this project's messages and every error; the libraries' warnings
+    (tensorflow-datasets' "Variant folder ... has no dataset_info.json", ...) go only to the
+    run's warnings.log, as they ask nothing of the user."""
+    return record.levelno >= std_logging.ERROR or any(part in record.pathname for part in OWN_CODE)
+
+
 def run(get_config, describe=describe, job=None, show=report, name: str = ""):
     """`python -m experiments.<name>`: `main` on the command line, its status the exit code."""
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.get_absl_handler().addFilter(_no_orbax_thread_tracebacks)
+    logging.get_absl_handler().addFilter(_own_or_severe)
     sys.exit(main(get_config, sys.argv, describe, job, show, name))

@@ -252,3 +252,24 @@ def test_tiny_and_empty_datasets_are_one_line_and_keep_the_workdir(tmp_path, cap
                                  "--config.smoke=True", f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err + out and (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_library_warnings_go_to_the_run_log_and_stay_off_the_console(tmp_path):
+    import logging
+
+    from cnn_jax.writers import warnings_log
+
+    def record(path, level=logging.WARNING):
+        return logging.LogRecord("absl", level, path, 1, "Variant folder x has no dataset_info.json", None, None)
+
+    library = record("/venv/site-packages/tensorflow_datasets/core/utils/file_utils.py")
+    assert not _run._own_or_severe(library)  # off the console
+    assert _run._own_or_severe(record("/repo/cnn_jax/train.py"))
+    assert _run._own_or_severe(record("/venv/site-packages/orbax/checkpoint/x.py", logging.ERROR))
+    with warnings_log(tmp_path) as path:
+        logging.getLogger("absl").warning("Variant folder x has no dataset_info.json")
+        logging.getLogger("absl").info("not kept")
+    logging.getLogger("absl").warning("after the run")
+    text = (tmp_path / "warnings.log").read_text()
+    assert path.endswith("warnings.log") and "dataset_info.json" in text and "not kept" not in text
+    assert "after the run" not in text
