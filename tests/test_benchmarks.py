@@ -23,8 +23,9 @@ def test_train_step_benchmark_writes_what_it_prints(tmp_path, capsys):
     assert result["peak_bytes"] > 0 and result["first_step_s"] > 0
     if "pytorch" in result:  # the [bench] extra
         assert result["ratio"] == pytest.approx(result["cnn_jax"]["median"] / result["pytorch"]["median"])
-    printed = capsys.readouterr().out
-    assert f"{result['cnn_jax']['median']:,.1f}" in printed and "lenet5" in printed
+    printed = capsys.readouterr()
+    assert f"{result['cnn_jax']['median']:,.1f}" in printed.out and "lenet5" in printed.out
+    assert "lenet5: compiling" in printed.err and "lenet5: timing round 2 of 2" in printed.err  # progress
 
 
 def test_train_step_benchmark_refuses_unknown_models():
