@@ -4,7 +4,7 @@ error a setting raises.
 The library speaks Python. A `SettingError` names the offending key and value as they are
 written on the config object (`config.batch_size=30: must be a multiple of 4 ...: use
 config.batch_size=28 or config.batch_size=32`); the command line renders the same error in
-its own words through `render(prefix, shell=True)`.
+its own notation through `render(notation)`.
 Which values are valid is decided by the modules that use them; `checks.check_config`
 composes their rules before any data is read.
 
@@ -23,19 +23,33 @@ NO_VALUE = object()  # a Set without a value names the key alone
 
 
 @dataclasses.dataclass(frozen=True)
+class Notation:
+    """How settings are written: a config key after `config`, a run's own argument (the
+    workdir) after `argument`, values quoted as one shell word where `shell`."""
+
+    config: str = "config."
+    argument: str = ""
+    shell: bool = False
+
+
+PYTHON = Notation()  # config.batch_size=32, workdir=runs/x: what a library user writes
+
+
+@dataclasses.dataclass(frozen=True)
 class Set:
-    """A config key, optionally with a value: `config.mesh=(4, 2)` in Python; with another `prefix`
-    and `shell=True`, a value quoted as one shell word (a flag)."""
+    """A config key (or, with `argument`, an argument of the run such as its workdir),
+    optionally with a value: `config.mesh=(4, 2)` in Python's notation."""
 
     key: str
     value: object = NO_VALUE
+    argument: bool = False
 
-    def render(self, prefix: str = "config.", shell: bool = False) -> str:
-        name = prefix + self.key
+    def render(self, notation: Notation = PYTHON, quote: bool = True) -> str:
+        name = (notation.argument if self.argument else notation.config) + self.key
         if self.value is NO_VALUE:
             return name
         text = show(self.value)
-        if shell and any(c in text for c in " ()[]'\"<>|;&*"):
+        if quote and notation.shell and any(c in text for c in " ()[]'\"<>|;&*"):
             text = "'" + text.replace("'", "'\\''") + "'"  # one shell word
         return f"{name}={text}"
 
@@ -47,20 +61,30 @@ def show(value) -> str:
     return str(value)
 
 
+def literal(text) -> str:
+    """`text` (a path, a value) inside an `Advice` text that names settings: its braces kept."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
+WORKDIR = Set("workdir", argument=True)  # the run's folder: train_and_evaluate's argument, --workdir
+
+
 class Advice:
     """An error that names settings: `text` may name them as `{0}`, `{1}`, ... (given as `Set`s
-    after it); `key` and `value`, when given, lead the message. `str()` is one line in Python's
-    words; `render(prefix, shell=True)` is the same line for a command line. Mixed into exceptions."""
+    after it); `key` (a config key, or a `Set`) and `value`, when given, lead the message.
+    `str()` is one line in Python's notation; `render(notation)` the same line in another (the
+    command line's flags). Mixed into exceptions."""
 
-    def __init__(self, text: str, *settings: Set, key: str = "", value=NO_VALUE):
+    def __init__(self, text: str, *settings: Set, key: str | Set = "", value=NO_VALUE):
         self.text, self.settings, self.key, self.value = text, settings, key, value
         super().__init__(self.render())
 
-    def render(self, prefix: str = "config.", shell: bool = False) -> str:
-        head = f"{Set(self.key, self.value).render(prefix)}: " if self.key else ""  # as given, unquoted
+    def render(self, notation: Notation = PYTHON) -> str:
+        lead = self.key if isinstance(self.key, Set) else Set(self.key, self.value)
+        head = f"{lead.render(notation, quote=False)}: " if self.key else ""  # the value as given
         if not self.settings:  # the text may hold braces of its own
             return head + self.text
-        return head + self.text.format(*(s.render(prefix, shell) for s in self.settings))
+        return head + self.text.format(*(s.render(notation) for s in self.settings))
 
     def __reduce__(self):  # picklable across processes despite the keyword arguments
         return _rebuild, (type(self), self.text, self.settings, self.key, self.value)

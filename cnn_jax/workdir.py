@@ -21,7 +21,7 @@ import socket
 import tempfile
 
 from cnn_jax import config as config_lib
-from cnn_jax.config import SettingError, Set
+from cnn_jax.config import WORKDIR, Set, SettingError, literal
 from cnn_jax.files import replaced_atomically
 
 CONFIG_FILE = "config.json"
@@ -33,26 +33,30 @@ LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's len
 
 
 class WorkdirError(SettingError):
-    """A run folder that cannot be used; the message is one line naming --workdir and the fix."""
+    """A run folder that cannot be used; the message is one line naming the workdir and the fix."""
 
 
 def open_workdir(path) -> pathlib.Path:
     """`path` as an absolute folder, created if needed and proven writable."""
     workdir = pathlib.Path(path).expanduser().absolute()
     if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir={path} is a file, not a folder: choose another --workdir")
+        raise WorkdirError("is a file, not a folder: choose another {0}", WORKDIR, key=_given(path))
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WorkdirError(f"--workdir={path} cannot be created ({_reason(err)}): choose a folder "
-                           "you can write to with --workdir") from None
+        raise WorkdirError(f"cannot be created ({_reason(err)}): choose a folder you can write to as {{0}}",
+                           WORKDIR, key=_given(path)) from None
     try:
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
             pass
     except OSError as err:
-        raise WorkdirError(f"--workdir={path} is not writable ({_reason(err)}): fix its permissions "
-                           "or choose another --workdir") from None
+        raise WorkdirError(f"is not writable ({_reason(err)}): fix its permissions or choose another {{0}}",
+                           WORKDIR, key=_given(path)) from None
     return workdir
+
+
+def _given(path) -> Set:
+    return Set("workdir", str(path), argument=True)
 
 
 def _reason(err: OSError) -> str:
@@ -71,8 +75,8 @@ def workdir_lock(workdir):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkdirError(f"another run ({_holder(path)}) is using {workdir}: wait for it or "
-                               "choose another --workdir") from None
+            raise WorkdirError(f"another run ({_holder(path)}) is using {literal(workdir)}: wait for it or "
+                               "choose another {0}", WORKDIR) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
@@ -163,14 +167,14 @@ def check_resume_config(config, workdir, *, allow_change: bool, write: bool = Tr
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise WorkdirError(f"{path} cannot be read ({err}): restore it, delete it to accept the "
-                           "current settings, or choose another --workdir") from None
+        raise WorkdirError(f"{literal(path)} cannot be read ({literal(err)}): restore it, delete it to accept the "
+                           "current settings, or choose another {0}", WORKDIR) from None
     training, harmless = compare_configs(saved, now)
     if training and not allow_change:
         more = f" (+{len(training) - SHOWN} more)" if len(training) > SHOWN else ""
-        raise WorkdirError(f"--workdir={workdir} was trained with other settings: {'; '.join(training[:SHOWN])}"
-                           f"{more}: use the saved values, another --workdir, or {{0}}",
-                           Set("allow_config_change", True))
+        raise WorkdirError(f"was trained with other settings: {literal('; '.join(training[:SHOWN]))}{more}: "
+                           "use the saved values, another {0}, or {1}", WORKDIR, Set("allow_config_change", True),
+                           key=_given(workdir))
     if (training or harmless) and write:
         write_json_atomic(path, now)
     return training + harmless

@@ -22,11 +22,11 @@ from ml_collections import config_dict, config_flags
 
 from cnn_jax import checks, evaluate
 from cnn_jax.checkpoint import CheckpointError, newest_step
-from cnn_jax.config import Advice, ConfigError, SettingError
+from cnn_jax.config import Advice, ConfigError, Notation, SettingError
 from cnn_jax.models import list_models, model_defaults, variant_fields
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
 
-FLAG_PREFIX = "--config."  # how the library's `config.<key>` is written on this command line
+FLAGS = Notation(config="--config.", argument="--", shell=True)  # config.<key> is --config.<key> here
 
 
 def describe(c) -> str:
@@ -240,7 +240,7 @@ def report(config, result: dict):
 
 def _error(err: BaseException, status: int) -> int:
     """One line on stderr, in flags: the library's errors name `config.<key>`; here `--config.<key>`."""
-    text = err.render(FLAG_PREFIX, shell=True) if isinstance(err, Advice) else str(err)
+    text = err.render(FLAGS) if isinstance(err, Advice) else str(err)
     message = " ".join(text.split("\n")) or type(err).__name__
     print(f"error: {message}", file=sys.stderr)
     return status

@@ -80,7 +80,7 @@ def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
     target = tmp_path / "results.csv"
     target.write_text("a,b\n1,2\n")
     status, _, err = run_main(["--config.smoke=True", f"--workdir={target}"], tmp_path, capsys)
-    assert status == 2 and err == f"error: --workdir={target} is a file, not a folder: choose another --workdir\n"
+    assert status == 2 and err == f"error: --workdir={target}: is a file, not a folder: choose another --workdir\n"
     assert target.read_text() == "a,b\n1,2\n" and not (tmp_path / "data").exists()
 
 

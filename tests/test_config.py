@@ -6,21 +6,24 @@ import pytest
 
 from cnn_jax import config as config_lib, workdir
 from cnn_jax.config import ConfigError, Set, SettingError
+from experiments._run import FLAGS
 
 
 def test_an_error_names_its_key_and_settings_in_either_notation():
     err = ConfigError("must be a multiple of 4: use {0} or {1}", Set("mesh", (4, 2)), Set("batch_size", 28),
                       key="batch_size", value=30)
     assert str(err) == "config.batch_size=30: must be a multiple of 4: use config.mesh=(4, 2) or config.batch_size=28"
-    assert err.render("--config.", shell=True) == ("--config.batch_size=30: must be a multiple of 4: use "
+    assert err.render(FLAGS) == ("--config.batch_size=30: must be a multiple of 4: use "
                                                    "--config.mesh='(4, 2)' or --config.batch_size=28")
 
 
 def test_shell_quoting_keeps_a_value_one_word():
-    assert Set("freeze", "^conv").render("--config.", shell=True) == "--config.freeze=^conv"
-    assert Set("freeze", "it's (x)").render("--config.", shell=True) == "--config.freeze='it'\\''s (x)'"
+    assert Set("freeze", "^conv").render(FLAGS) == "--config.freeze=^conv"
+    assert Set("freeze", "it's (x)").render(FLAGS) == "--config.freeze='it'\\''s (x)'"
     assert Set("classes", (5,)).render() == "config.classes=(5,)"
-    assert Set("data_dir").render("--config.") == "--config.data_dir"
+    assert Set("data_dir").render(FLAGS) == "--config.data_dir"
+    assert Set("workdir", "runs/a b", argument=True).render(FLAGS) == "--workdir='runs/a b'"
+    assert Set("workdir", "runs/x", argument=True).render() == "workdir=runs/x"
 
 
 def test_text_without_settings_keeps_its_braces():
