@@ -294,6 +294,8 @@ def class_count(config, available: int) -> int:
 
 def check_processes(config):
     """The multi-process settings, checked before `jax.distributed` is started with them."""
+    choice(config, "distributed", parallel.DISTRIBUTED, "process launch")
+    int_at_least(config, "distributed_timeout", 1, "must be a positive number of seconds")
     int_at_least(config, "num_processes", 1)
     if not _is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
         _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} ({{0}})",

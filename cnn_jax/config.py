@@ -108,7 +108,7 @@ class ConfigError(SettingError):
 WATCHING = frozenset({"checkpoint_every_steps", "coordinator_address", "data_dir", "eval_batch_size",
                       "eval_every_steps", "eval_limit", "eval_split", "init_from", "keep_checkpoints",
                       "log_every_steps", "mesh", "new_head", "num_processes", "parallel", "process_id", "smoke",
-                      "workers"})
+                      "workers", "distributed", "distributed_timeout"})
 LENGTH = frozenset({"num_epochs", "num_train_steps"})
 NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 OWN_BLOCKS = ("experiment.",)  # an experiment's own settings: its runs' keys say what each trains
@@ -169,6 +169,8 @@ def defaults() -> config_dict.ConfigDict:
     c.parallel = "jit"  # or "pmap" (data parallel only)
     c.mesh = ()  # (data, model); empty: all devices on 'data'. Two towers: (N, 2)
     c.coordinator_address = ""  # multi-host: HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)
+    c.distributed = "detect"  # 'auto' under srun/mpirun (detected), else the three settings here; or force one
+    c.distributed_timeout = 300  # seconds a process waits for the others to join
     c.num_processes = 1
     c.process_id = 0
     return c

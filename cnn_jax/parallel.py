@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax.config import ConfigError, Set
+from cnn_jax.config import ConfigError, Set, literal
 from cnn_jax.data.augment import CROPS
 from cnn_jax.models import spec_of
 from cnn_jax.trees import path_name
@@ -69,18 +69,108 @@ def check_mesh(mesh: tuple, towers: int, device_count: int, mode: str = "jit", p
     return mesh[0] if mesh else device_count
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
-    """`jax.distributed.initialize` when running on several processes (config or the
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment)."""
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", num_processes))
-    process_id = int(os.environ.get("JAX_PROCESS_ID", process_id))
-    if num_processes > 1:
-        if not coordinator:
-            raise ConfigError(f"{num_processes} processes need the HOST:PORT of process 0: set {{0}} (or "
-                              "$JAX_COORDINATOR_ADDRESS)", Set("coordinator_address", "HOST:PORT"))
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+DISTRIBUTED = ("detect", "auto", "manual")
+# What a cluster launcher sets in every task's environment, and what jax.distributed.initialize()
+# reads when called without arguments: (variables that must all be set, the task count's variable).
+CLUSTERS = {
+    "SLURM": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+              "SLURM_NTASKS"),
+    "Open MPI": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_RANK"), "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def detected_cluster(environ=os.environ) -> tuple[str, int] | None:
+    """(launcher, task count) when this process is one task of a cluster launch (srun, mpirun)."""
+    for name, (variables, count) in CLUSTERS.items():
+        if all(v in environ for v in variables):
+            return name, int(environ[count])
+    return None
+
+
+def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.environ) -> tuple[str, int, str]:
+    """(how the processes find each other: 'single', 'auto' or 'manual'; the process count; the
+    coordinator) for `mode`: 'detect' (auto under a cluster launch of 2+ tasks, else the manual
+    settings), 'auto' (jax.distributed.initialize() finds the cluster: SLURM, Open MPI,
+    Kubernetes, Cloud TPU) or 'manual' (num_processes, process_id, coordinator_address, or
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS)."""
+    if mode not in DISTRIBUTED:
+        raise ConfigError(f"choose one of {', '.join(DISTRIBUTED)}", key="distributed", value=mode)
+    count = int(environ.get("JAX_NUM_PROCESSES", num_processes))
+    coordinator = coordinator or environ.get("JAX_COORDINATOR_ADDRESS", "")
+    cluster = detected_cluster(environ)
+    if mode == "auto" or (mode == "detect" and count == 1 and cluster and cluster[1] > 1):
+        return "auto", cluster[1] if cluster else 0, ""  # 0: the launcher's count, known once joined
+    if count > 1 and not coordinator:
+        raise ConfigError(f"{count} processes need the HOST:PORT of process 0: set {{0}} (or "
+                          "$JAX_COORDINATOR_ADDRESS), or start them with a cluster launcher (srun, mpirun)",
+                          Set("coordinator_address", "HOST:PORT"))
+    return ("manual" if count > 1 else "single"), count, coordinator
+
+
+def initialize_distributed(mode: str = "detect", coordinator: str = "", num_processes: int = 1, process_id: int = 0,
+                           timeout: int = 300, environ=os.environ):
+    """`jax.distributed.initialize` when this run is one of several processes (see `launch`). A
+    process that cannot join within `timeout` seconds raises a one-line `ConfigError` naming
+    what it read, instead of waiting for ever."""
+    how, count, coordinator = launch(mode, num_processes, coordinator, environ)
+    if how == "single":
+        return
+    process_id = int(environ.get("JAX_PROCESS_ID", process_id))
+    if how == "auto":
+        coordinator, process_id = _cluster_address(timeout)
+    read = _read_variables(environ) if how == "auto" else f"coordinator {coordinator}, {count} processes"
+
+    def refuse(why: str):
+        raise ConfigError(f"this process could not join the others ({literal(why)}; read {literal(read)}): start "
+                          "every task, check that process 0's host is reachable, or raise {0}",
+                          Set("distributed_timeout"), key="distributed", value=mode) from None
+
+    # XLA's client aborts the whole process when process 0 cannot be reached in time: look first.
+    if process_id and coordinator and not _reachable(coordinator, timeout):
+        refuse(f"nothing answers at {coordinator} within {timeout} s")
+    try:
+        if how == "auto":
+            jax.distributed.initialize(initialization_timeout=timeout)
+        else:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=process_id,
+                                       initialization_timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - jax raises several kinds; all mean: did not join
+        refuse(str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+
+
+def _cluster_address(timeout: int) -> tuple[str, int]:
+    """(coordinator, this process's id) as jax.distributed.initialize() will find them; ('', 0)
+    where this jax cannot say beforehand (its detection is internal)."""
+    try:
+        from jax._src import clusters
+
+        found = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, timeout)
+        return found[0] or "", int(found[2] or 0)
+    except Exception:  # noqa: BLE001 - the look-ahead is optional; initialize() still detects
+        return "", 0
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether something accepts connections at HOST:PORT within `timeout` seconds."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _read_variables(environ) -> str:
+    found = [f"{v}={environ[v]}" for variables, _ in CLUSTERS.values() for v in variables if v in environ]
+    return ", ".join(found) or "no cluster variables set"
 
 
 def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
-from cnn_jax import checks, evaluate
+from cnn_jax import checks, evaluate, parallel
 from cnn_jax.checkpoint import CheckpointError, newest_step
 from cnn_jax.config import Advice, ConfigError, Notation, SettingError
 from cnn_jax.models import list_models, model_defaults, variant_fields
@@ -159,12 +159,6 @@ def _flag_error(message: str) -> str:
     return line
 
 
-def _processes(config) -> tuple[int, str]:
-    """The process count and coordinator as `jax.distributed` will see them (the environment wins)."""
-    return (int(os.environ.get("JAX_NUM_PROCESSES", config.num_processes)),
-            config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
-
-
 def own_model_fields(config, written_for: str, given) -> tuple[config_dict.ConfigDict, dict]:
     """(config, the fields dropped): an experiment's model fields are written for its own model
     (`written_for`). Another `--config.model_name` keeps the ones its family shares (the
@@ -209,11 +203,8 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
     if config.smoke:
         config = smoke(config, given)
     checks.check_processes(config)
-    count, coordinator = _processes(config)
-    if count > 1 and not coordinator:
-        raise ConfigError(f"--config.coordinator_address: {count} processes need the HOST:PORT of process 0: "
-                          "set --config.coordinator_address=HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
-    if count == 1:
+    how, _, _ = parallel.launch(config.distributed, config.num_processes, config.coordinator_address)
+    if how == "single":
         config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
     default = f"runs/{name or f'{config.model_name}_{config.dataset}'}" + ("_smoke" if config.smoke else "")
     return config, workdir or default  # a smoke run never lands in (and blocks) the real run's folder

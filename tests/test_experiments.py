@@ -118,28 +118,63 @@ def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def free_port() -> int:
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port nobody listens on: any (the system's choice), or one in [low, high]."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in ([0] if not low else random.sample(range(low, high + 1), 50)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {low}..{high}")
+
+
+def test_a_task_whose_peers_never_start_is_one_line_within_the_timeout(data_dir, tmp_path):
+    """Task 1 of 2 under srun, task 0 never started: a one-line error naming what was read, not a hang."""
+    start = time.monotonic()
+    proc = run_cli([*TINY, "--config.distributed_timeout=5", f"--workdir={tmp_path}"], data_dir,
+                   env_extra={**slurm_task(1), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "could not join the others" in errors[0] and "within 5 s" in errors[0], errors[0]
+    assert "SLURM_NTASKS=2" in errors[0] and "SLURM_PROCID=1" in errors[0], errors[0]
+    assert "--config.distributed_timeout" in errors[0] and time.monotonic() - start < 90
 
 
 @pytest.mark.slow
-def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path):
-    """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1."""
+def slurm_task(rank: int, tasks: int = 2) -> dict:
+    """The variables `srun --ntasks=2` sets in each task on one node (127.0.0.1); JAX derives the
+    coordinator's port from the job id."""
+    job = free_port(61440, 65535) - 61440  # JAX's port for a SLURM job: 61440 + job id mod 4096
+    return {"SLURM_JOB_ID": str(job + 4096 * 7), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(tasks),
+            "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1",
+            "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1"}
+
+
+@pytest.mark.parametrize("launch", [pytest.param("flags", marks=pytest.mark.slow), "srun"])
+def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path, launch):
+    """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1,
+    started with the three settings, or as `srun` starts them (no settings: found by JAX)."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    port = free_port()
-    workdir = tmp_path / "two_processes"
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY, "--config.num_processes=2",
-                               f"--config.process_id={i}", f"--config.coordinator_address=127.0.0.1:{port}",
-                               f"--workdir={workdir}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    port, workdir, slurm = free_port(), tmp_path / "two_processes", slurm_task(0)
+
+    def task(i):
+        if launch == "srun":
+            return [], {**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}
+        return ["--config.num_processes=2", f"--config.process_id={i}",
+                f"--config.coordinator_address=127.0.0.1:{port}"], env
+
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *LENGTHENED, *task(i)[0], f"--workdir={workdir}"],
+                              env=task(i)[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outputs = []
     try:
         for proc in procs:
@@ -159,7 +194,7 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
     # steps 2-3 move each layer's largest weight, so other batches, crops or a gradient share
     # left out of the sum fail it.
     reference = tmp_path / "one_process"
-    one = run_cli([*TINY, f"--workdir={reference}"], data_dir,
+    one = run_cli([*LENGTHENED, f"--workdir={reference}"], data_dir,
                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert one.returncode == 0, one.stderr[-2000:]
     checkpointer, here = ocp.StandardCheckpointer(), jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -178,7 +213,7 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
 
     # Written once, readable by a different number of processes (the stream is a function of
     # the step alone, so there is no per-process reader state to carry over):
-    single = run_cli([*TINY, "--config.num_train_steps=4", f"--workdir={workdir}"], data_dir,
+    single = run_cli([*LENGTHENED, "--config.num_train_steps=4", f"--workdir={workdir}"], data_dir,
                      env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr[-2000:]
     assert f"resumed from {workdir / 'checkpoints'}/3" in single.stdout
