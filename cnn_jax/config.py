@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import os
+
 from ml_collections import config_dict
 
 NO_VALUE = object()  # a Set without a value names the key alone
@@ -108,7 +110,7 @@ class ConfigError(SettingError):
 WATCHING = frozenset({"checkpoint_every_steps", "coordinator_address", "data_dir", "eval_batch_size",
                       "eval_every_steps", "eval_limit", "eval_split", "init_from", "keep_checkpoints",
                       "log_every_steps", "mesh", "new_head", "num_processes", "parallel", "process_id", "smoke",
-                      "workers", "distributed", "distributed_timeout"})
+                      "workers", "distributed", "distributed_timeout", "compilation_cache"})
 LENGTH = frozenset({"num_epochs", "num_train_steps"})
 NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 OWN_BLOCKS = ("experiment.",)  # an experiment's own settings: its runs' keys say what each trains
@@ -169,6 +171,8 @@ def defaults() -> config_dict.ConfigDict:
     c.parallel = "jit"  # or "pmap" (data parallel only)
     c.mesh = ()  # (data, model); empty: all devices on 'data'. Two towers: (N, 2)
     c.coordinator_address = ""  # multi-host: HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)
+    # compiled programs kept across runs (a resumed or repeated run skips compiling); '' turns it off
+    c.compilation_cache = os.environ.get("CNN_JAX_COMPILATION_CACHE", "~/.cache/cnn_jax/xla")
     c.distributed = "detect"  # 'auto' under srun/mpirun (detected), else the three settings here; or force one
     c.distributed_timeout = 300  # seconds a process waits for the others to join
     c.num_processes = 1

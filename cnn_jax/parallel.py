@@ -213,6 +213,24 @@ def jit(fun: Callable, **kwargs) -> Callable:
     return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
+def use_compilation_cache(directory: str) -> str:
+    """Keeps compiled programs of more than a second's compile in `directory` (created), so that
+    a repeated or resumed run skips compiling them; '' turns the cache off. JAX settles this at
+    its first compilation in a process: call it before anything compiles. Returns the folder."""
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return ""
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot be created ({literal(err.strerror)}): choose a writable folder, or '' to "
+                          "compile afresh", key="compilation_cache", value=directory) from None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def barrier(name: str):
     """Every process waits here for the others (a no-op with one process)."""
     if jax.process_count() > 1:

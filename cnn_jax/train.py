@@ -119,6 +119,7 @@ def train_and_evaluate(config, workdir) -> dict:
     """
     from cnn_jax import workdir as workdirs
 
+    parallel.use_compilation_cache(config.compilation_cache)
     parallel.initialize_distributed(config.distributed, config.coordinator_address, config.num_processes,
                                     config.process_id, config.distributed_timeout)
     config = checks.check_config(config, device_count=jax.device_count(), process_count=jax.process_count())

@@ -316,3 +316,17 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
     changed = [line for line in resumed.splitlines() if line.startswith("config changed")]
     assert "resumed from" in resumed
     assert changed == ["config changed since the last run: num_train_steps: 3 -> 4"], changed
+
+
+def test_a_repeated_run_compiles_nothing_new_with_the_cache(data_dir, tmp_path):
+    """The second run of a command finds every program of more than a second's compile in
+    --config.compilation_cache: nothing is added, and both runs end alike."""
+    cache = tmp_path / "xla"
+    first = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'a'}"], data_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries  # the train step (seconds to compile) at least
+    again = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'b'}"], data_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert first.stdout.strip().splitlines()[-1] == again.stdout.strip().splitlines()[-1]
