@@ -3,16 +3,39 @@
 Each computes what its plain JAX counterpart computes (tests compare them, values and
 gradients) in a form that XLA:CPU runs faster, measured by `python -m benchmarks.train_step`:
 1x1 convolutions as matrix products, max pooling's derivative from slices, LRN's power by
-square roots, batch-norm sums as products.
+square roots, batch-norm sums as products. They are used where they were measured: on the
+CPU backend. Elsewhere each public function here is XLA's standard formulation, until a
+measurement on that backend says otherwise; `forced(True/False)` overrides the choice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
+
+_FORCED = contextvars.ContextVar("cnn_jax_fast_cpu", default=None)
+
+
+def enabled() -> bool:
+    """Whether the fast formulations are traced: on the CPU backend, unless `forced`."""
+    forced_value = _FORCED.get()
+    return jax.default_backend() == "cpu" if forced_value is None else forced_value
+
+
+@contextlib.contextmanager
+def forced(on: bool):
+    """Traces inside the block use the fast formulations (True) or XLA's standard ones (False),
+    whatever the backend; a function jitted earlier keeps the trace it has."""
+    token = _FORCED.set(on)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
 
 
 def one_by_one_as_product(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -26,6 +49,9 @@ def one_by_one_as_product(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     innermost) and GoogLeNet's 25% slower (batch 32: 17.1 -> 12.9), whose 1x1 outputs feed
     concatenations rather than batch norm (`python -m benchmarks.train_step`).
     """
+    if not enabled():
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
     spatial = rhs.ndim - 2
     unpadded = padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in padding)
     plain = (rhs.shape[:spatial] == (1,) * spatial and feature_group_count == 1 and unpadded
@@ -57,7 +83,8 @@ def max_pool(x, window_shape, strides, padding="VALID"):
     AlexNet's train step cost more than its forward convolutions.
     """
     window, strides = tuple(window_shape), tuple(strides)
-    return _max_pool(x, window, strides, _padding_pairs(x, window, strides, padding))
+    pads = _padding_pairs(x, window, strides, padding)
+    return _max_pool(x, window, strides, pads) if enabled() else _reduce_max(x, window, strides, pads)
 
 
 def _reduce_max(x, window, strides, pads):
@@ -88,8 +115,13 @@ def _max_pool_jvp(window, strides, pads, primals, tangents):
     return y, dy
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def negative_power(s, beta):
+    """s ** -beta for s > 0 (LRN's denominator)."""
+    return _negative_power(s, beta) if enabled() else jnp.power(s, -beta)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _negative_power(s, beta):
     """s ** -beta for s > 0, with square roots for the paper's beta = 0.75 (and 0.5).
 
     `x ** beta` with a float exponent costs an exp and a log per element, and its
@@ -103,10 +135,10 @@ def negative_power(s, beta):
     return jnp.exp(-beta * jnp.log(s))
 
 
-@negative_power.defjvp
+@_negative_power.defjvp
 def _negative_power_jvp(beta, primals, tangents):
     (s,), (ds,) = primals, tangents
-    value = negative_power(s, beta)
+    value = _negative_power(s, beta)
     return value, -beta * value / s * ds
 
 
@@ -117,14 +149,23 @@ def channel_sums(x):
     the major axes ~50x slower than the matrix product (1.6M elements: 4.9 ms against 0.09),
     and batch norm's forward and backward are such sums.
     """
+    if not enabled():
+        return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
     flat = x.reshape(-1, x.shape[-1])
     return jax.lax.dot_general(jnp.ones((flat.shape[0],), flat.dtype), flat, (((0,), (0,)), ((), ())),
                                precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_normalise(x, scale, bias, epsilon):
-    """(y, mean, var) of `x` (at least float32) over all axes but the last; y = (x - mean) / sqrt(var + eps) * scale + bias."""
+    """(y, mean, var) of `x` (at least float32) over all axes but the last; y = (x - mean) / sqrt(var + eps) * scale + bias.
+    The fast form has its derivative written out; the standard one is differentiated by JAX."""
+    if enabled():
+        return _batch_normalise(x, scale, bias, epsilon)
+    return _batch_normalise_fwd(x, scale, bias, epsilon)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_normalise(x, scale, bias, epsilon):
     return _batch_normalise_fwd(x, scale, bias, epsilon)[0]
 
 
@@ -148,4 +189,4 @@ def _batch_normalise_bwd(epsilon, res, cotangents):
     return dx, dscale, dbias
 
 
-batch_normalise.defvjp(_batch_normalise_fwd, _batch_normalise_bwd)
+_batch_normalise.defvjp(_batch_normalise_fwd, _batch_normalise_bwd)
