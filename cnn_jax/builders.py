@@ -13,6 +13,7 @@ import jax
 from flax import linen as nn
 
 from cnn_jax import checks, optim, parallel, transfer
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.data import augment, pipeline, store
 from cnn_jax.data.sources import open_split
 from cnn_jax.models import get_model
@@ -65,8 +66,12 @@ def build_data(config, process: int = 0, processes: int = 1) -> Data:
                                      normalize=config.normalize, channel_std=stats["channel_std"])
     stream = pipeline.TrainStream(train_store, batch_size=config.batch_size, seed=config.seed,
                                   shard_index=process, shard_count=processes)
-    return Data(train_store, eval_store, prep, stream, num_classes, workers,
-                total_steps=_total_steps(config, stream.steps_per_epoch),
+    total_steps = _total_steps(config, stream.steps_per_epoch)
+    if config.schedule == "cosine" and total_steps <= config.warmup_steps:  # known only now, from the epochs
+        raise ConfigError(f"the cosine schedule must warm up in fewer steps than the run's {total_steps} "
+                          f"({config.num_epochs:g} epochs of {stream.steps_per_epoch} steps): lower it or lengthen "
+                          "the run with {0}", Set("num_epochs"), key="warmup_steps", value=config.warmup_steps)
+    return Data(train_store, eval_store, prep, stream, num_classes, workers, total_steps=total_steps,
                 eval_every=config.eval_every_steps or stream.steps_per_epoch)
 
 

@@ -16,8 +16,8 @@ composes their rules before any data is read.
 from __future__ import annotations
 
 import dataclasses
-
 import os
+import re
 
 from ml_collections import config_dict
 
@@ -63,17 +63,12 @@ def show(value) -> str:
     return str(value)
 
 
-def literal(text) -> str:
-    """`text` (a path, a value) inside an `Advice` text that names settings: its braces kept."""
-    return str(text).replace("{", "{{").replace("}", "}}")
-
-
 WORKDIR = Set("workdir", argument=True)  # the run's folder: train_and_evaluate's argument, --workdir
 
 
 class Advice:
     """An error that names settings: `text` may name them as `{0}`, `{1}`, ... (given as `Set`s
-    after it); `key` (a config key, or a `Set`) and `value`, when given, lead the message.
+    after it; other braces are text); `key` (a config key, or a `Set`) and `value`, when given, lead the message.
     `str()` is one line in Python's notation; `render(notation)` the same line in another (the
     command line's flags). Mixed into exceptions."""
 
@@ -84,9 +79,9 @@ class Advice:
     def render(self, notation: Notation = PYTHON) -> str:
         lead = self.key if isinstance(self.key, Set) else Set(self.key, self.value)
         head = f"{lead.render(notation, quote=False)}: " if self.key else ""  # the value as given
-        if not self.settings:  # the text may hold braces of its own
-            return head + self.text
-        return head + self.text.format(*(s.render(notation) for s in self.settings))
+        named = [s.render(notation) for s in self.settings]
+        # only {0}, {1}, ... are settings: any other brace (a path, a regex) stays as it is
+        return head + re.sub(r"\{(\d+)\}", lambda m: named[int(m.group(1))], self.text)
 
     def __reduce__(self):  # picklable across processes despite the keyword arguments
         return _rebuild, (type(self), self.text, self.settings, self.key, self.value)

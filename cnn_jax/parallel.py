@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax.config import ConfigError, Set, literal
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.data.augment import CROPS
 from cnn_jax.models import spec_of
 from cnn_jax.trees import path_name
@@ -55,7 +55,8 @@ def check_mesh(mesh: tuple, towers: int, device_count: int, mode: str = "jit", p
     if towers > 1 and device_count < towers:
         raise MeshError(f"needs {towers} devices, one per tower, but {device_count} is available: run on "
                         f"{towers} devices or simulate them with XLA_FLAGS=--xla_force_host_platform_device_count="
-                        f"{towers}", key="model_name", value=model_name or "the model")
+                        f"{towers}", key="model_name" if model_name else "mesh",
+                        value=model_name if model_name else mesh)
     fit = Set("mesh", (max(device_count // towers, 1), towers))
     if mesh and math.prod(mesh) != device_count:
         raise MeshError(f"needs {math.prod(mesh)} devices but {device_count} are available: use {{0}} or "
@@ -122,7 +123,7 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
     read = _read_variables(environ) if how == "auto" else f"coordinator {coordinator}, {count} processes"
 
     def refuse(why: str):
-        raise ConfigError(f"this process could not join the others ({literal(why)}; read {literal(read)}): start "
+        raise ConfigError(f"this process could not join the others ({why}; read {read}): start "
                           "every task, check that process 0's host is reachable, or raise {0}",
                           Set("distributed_timeout"), key="distributed", value=mode) from None
 
@@ -224,7 +225,7 @@ def use_compilation_cache(directory: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"cannot be created ({literal(err.strerror)}): choose a writable folder, or '' to "
+        raise ConfigError(f"cannot be created ({err.strerror}): choose a writable folder, or '' to "
                           "compile afresh", key="compilation_cache", value=directory) from None
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)

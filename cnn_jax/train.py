@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cnn_jax import builders, checks, evaluate, optim, parallel, transfer, viz
 from cnn_jax.checkpoint import CheckpointError, Checkpointer
-from cnn_jax.config import WORKDIR, Set, literal
+from cnn_jax.config import WORKDIR, Set
 from cnn_jax.data import pipeline
 from cnn_jax.signals import RunStopped, StopSignals
 from cnn_jax.steps import (TrainState, _plateau_arrays, all_finite, create_train_state, eval_step,  # noqa: F401
@@ -100,8 +100,8 @@ class Run:
         """Saves `state` unless it holds a NaN or inf: the last finite checkpoint stays the newest."""
         if not bool(all_finite((state.params, state.opt_state))):
             raise NonFiniteLossError(f"the parameters became NaN or infinite by step {step}; not saved. The newest "
-                                     f"finite checkpoint is {self.newest()}: lower {{0}} and rerun to resume "
-                                     "from it", Set("learning_rate"))
+                                     f"finite checkpoint is {self.newest()}: lower {{0}} (with {{1}}) and rerun "
+                                     "to resume from it", Set("learning_rate"), Set("allow_config_change", True))
         self.ckpt.save(step, self.runner.host_state(state))
 
     def newest(self) -> str:
@@ -149,14 +149,15 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     state = run.runner.place_state(state)
     if config.eval_only:
         if resumed is None and not config.init_from:
-            raise CheckpointError(f"no checkpoint in {literal(run.ckpt.directory)}; train first, point {{0}} at a "
+            raise CheckpointError(f"no checkpoint in {run.ckpt.directory}; train first, point {{0}} at a "
                                   "run, or give weights with {1}", WORKDIR, Set("init_from"), key="eval_only")
         host = run.runner.host_state(state)
         return {"step": step, **run.evaluate(host),
                 **{f"ten_crop_{k}": v for k, v in run.evaluate(host, "ten").items()}}
     if step >= run.total_steps and resumed is not None:
         print(f"the run in {run.workdir} already finished step {run.total_steps}: evaluating it; raise "
-              "num_epochs or num_train_steps to train further")
+              "num_epochs or num_train_steps to train further (with allow_config_change where the schedule "
+              "is laid out over the run)")
     stop = stack.enter_context(StopSignals())
     clock = StepClock()
     stack.callback(clock.close)

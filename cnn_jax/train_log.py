@@ -61,8 +61,9 @@ class TrainLog:
             if not np.isfinite(stats["loss"]):
                 failed = step - len(values) + offset + 1
                 raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
-                                         f"{self.newest()}: lower {{0}} or check the data, "
-                                         "then rerun to resume from it", Set("learning_rate"))
+                                         f"{self.newest()}: lower {{0}} (with {{1}}) or check the data, "
+                                         "then rerun to resume from it", Set("learning_rate"),
+                                         Set("allow_config_change", True))
         means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         means["data_wait"] = self.clock.take()
         means["images_per_second"] = self.batch_size * len(values) / max(seconds, 1e-9)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
+import cnn_jax
 from cnn_jax import checks, evaluate, parallel
 from cnn_jax.checkpoint import CheckpointError, newest_step
 from cnn_jax.config import Advice, ConfigError, Notation, SettingError
@@ -310,14 +311,14 @@ def _no_orbax_thread_tracebacks(record) -> bool:
     return True
 
 
-OWN_CODE = (f"{os.sep}cnn_jax{os.sep}", f"{os.sep}experiments{os.sep}")
+OWN_CODE = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (cnn_jax, sys.modules[__name__]))
 
 
 def _own_or_severe(record) -> bool:
     """The console shows this project's messages and every error; the libraries' warnings
     (tensorflow-datasets' "Variant folder ... has no dataset_info.json", ...) go only to the
     run's warnings.log, as they ask nothing of the user."""
-    return record.levelno >= std_logging.ERROR or any(part in record.pathname for part in OWN_CODE)
+    return record.levelno >= std_logging.ERROR or os.path.abspath(record.pathname).startswith(OWN_CODE)
 
 
 def run(get_config, describe=describe, job=None, show=report, name: str = ""):
@@ -325,4 +326,5 @@ def run(get_config, describe=describe, job=None, show=report, name: str = ""):
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.get_absl_handler().addFilter(_no_orbax_thread_tracebacks)
     logging.get_absl_handler().addFilter(_own_or_severe)
+    std_logging.captureWarnings(True)  # Python warnings (jax's, flax's) take the same way: to warnings.log
     sys.exit(main(get_config, sys.argv, describe, job, show, name))

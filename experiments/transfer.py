@@ -32,7 +32,7 @@ from ml_collections import config_dict
 from cnn_jax import viz
 from cnn_jax.config import defaults
 
-from experiments import _compare, _report, _run
+from experiments import _analyse, _compare, _report, _run
 
 VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
     "small, head only": ("small", True, dict(head_only=True)),
@@ -95,17 +95,17 @@ def summarise(results: dict, config, root: pathlib.Path) -> dict:
     panels = {"small target (%d images a class)" % e.small_per_class: {}, "full target (every image)": {}}
     summary = {}
     for variant, runs in results.items():
-        finals = [r["top1_error"] for r in runs]
-        curves = np.array([r["val_curve"] for r in runs]) * 100
-        summary[variant] = {"final_top1_error_mean": float(np.mean(finals)), "min": float(np.min(finals)),
-                            "max": float(np.max(finals)), "runs": runs}
+        finals = _analyse.finite([r["top1_error"] for r in runs])  # diverged seeds are named, not averaged
+        mean = float(np.mean(finals)) if len(finals) else float("nan")
+        summary[variant] = {"final_top1_error_mean": mean, "min": float(np.min(finals, initial=np.nan)),
+                            "max": float(np.max(finals, initial=np.nan)), "runs": runs}
         if variant == "pretrain":
             continue
         size, start = variant.split(", ", 1)
         panel = next(p for p in panels if p.startswith(size))
-        panels[panel][start] = (runs[0]["val_steps"], curves.mean(0), curves.min(0), curves.max(0))
+        panels[panel][start] = band = _analyse.band(runs, "val")
         table.append(f"| {size} | {'digits 0-4 net' if start != 'from scratch' else 'random'} | {start} | "
-                     f"{curves.mean(0)[0]:.1f}% | {np.mean(finals):.1%} ({np.min(finals):.1%}-{np.max(finals):.1%}) |")
+                     f"{band[1][0]:.1f}% | {_analyse.pm([r['top1_error'] for r in runs])} |")
     pre = summary["pretrain"]["final_top1_error_mean"]
     note = (f"Pretraining on digits {list(e.source_classes)}: validation top-1 error {pre:.1%}. Target: digits "
             f"{list(e.target_classes)}, {len(results[next(iter(VARIANTS))])} seed(s), {config.model_name}. "
@@ -121,7 +121,8 @@ def verdict(summary: dict, size: str) -> str:
     scratch = summary[f"{size}, from scratch"]
     best = min((v for v in summary if v.startswith(size) and "scratch" not in v),
                key=lambda v: summary[v]["final_top1_error_mean"])
-    first = lambda v: np.mean([r["val_curve"][0] for r in summary[v]["runs"]])  # noqa: E731
+    first = lambda v: np.nanmean([r["val_curve"][0] if r["val_curve"] else np.nan  # noqa: E731
+                                  for r in summary[v]["runs"]])
     final = summary[best]["final_top1_error_mean"], scratch["final_top1_error_mean"]
     return (f"{size.capitalize()} target: the best transfer ({best.split(', ')[1]}) ends at {final[0]:.1%} against "
             f"{final[1]:.1%} from scratch ({'ahead' if final[0] < final[1] else 'not ahead'}); at the first "

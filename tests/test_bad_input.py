@@ -262,9 +262,14 @@ def test_library_warnings_go_to_the_run_log_and_stay_off_the_console(tmp_path):
     def record(path, level=logging.WARNING):
         return logging.LogRecord("absl", level, path, 1, "Variant folder x has no dataset_info.json", None, None)
 
-    library = record("/venv/site-packages/tensorflow_datasets/core/utils/file_utils.py")
+    import os
+
+    import cnn_jax
+
+    # a checkout named cnn_jax with its .venv inside: the library is still the library
+    library = record("/home/me/cnn_jax/.venv/lib/site-packages/tensorflow_datasets/core/utils/file_utils.py")
     assert not _run._own_or_severe(library)  # off the console
-    assert _run._own_or_severe(record("/repo/cnn_jax/train.py"))
+    assert _run._own_or_severe(record(os.path.join(os.path.dirname(cnn_jax.__file__), "train.py")))
     assert _run._own_or_severe(record("/venv/site-packages/orbax/checkpoint/x.py", logging.ERROR))
     with warnings_log(tmp_path) as path:
         logging.getLogger("absl").warning("Variant folder x has no dataset_info.json")

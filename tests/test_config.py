@@ -2,8 +2,6 @@
 
 import pickle
 
-import pytest
-
 from cnn_jax import config as config_lib, workdir
 from cnn_jax.config import ConfigError, Set, SettingError
 from experiments._run import FLAGS
@@ -49,14 +47,3 @@ def test_a_new_key_changes_what_is_trained_until_said_otherwise(tmp_path):
     training, harmless = workdir.compare_configs(saved, now)
     assert training == ["brand_new: 1 -> 2"]
     assert harmless == ["experiment.seeds: 3 -> 5", "log_every_steps: 10 -> 5"]
-
-
-@pytest.mark.parametrize("error", ["DatasetError", "StoreError", "WorkdirError", "TransferError", "WeightsError",
-                                   "MeshError"])
-def test_every_error_about_a_setting_is_a_setting_error(error):
-    from cnn_jax import parallel, transfer, weights
-    from cnn_jax.data import sources, store
-
-    owners = {"DatasetError": sources, "StoreError": store, "WorkdirError": workdir, "TransferError": transfer,
-              "WeightsError": weights, "MeshError": parallel}
-    assert issubclass(getattr(owners[error], error), SettingError)
