@@ -132,7 +132,6 @@ def images_per_second(step, sync, batch: int, steps: int) -> float:
 
 def matmul_rates(dtype: str, n: int = 2048, repeats: int = 10) -> dict:
     """FLOP/s of an n x n matrix product: jitted JAX (the step's compiler options) and PyTorch."""
-    import jax
     import jax.numpy as jnp
 
     from cnn_jax import parallel
@@ -163,8 +162,16 @@ def _summary(rates: list[float]) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "all": rates}
 
 
+def progress(message: str):
+    """A line on stderr for every phase of a case, so that no wait goes unexplained (stdout
+    keeps the table)."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def run_model(name: str, batch: int, dtype: str, repeats: int, seconds: float) -> dict:
+    progress(f"{name}: compiling the train step (batch {batch}, {dtype})")
     step, sync, first, peak, macs = jax_case(name, batch, dtype)
+    progress(f"{name}: compiled in {first:.1f} s; building the PyTorch peer")
     peer = torch_case(name, batch, dtype)
     sync(step())
     probe = images_per_second(step, sync, batch, 2)
@@ -173,6 +180,7 @@ def run_model(name: str, batch: int, dtype: str, repeats: int, seconds: float) -
         peer[1](peer[0]())  # PyTorch's first step allocates: keep it out of the timing
     jax_rates, torch_rates = [], []
     for round_ in range(repeats):  # A B, then B A: neither always runs on the warmer machine
+        progress(f"{name}: timing round {round_ + 1} of {repeats} ({steps} steps each side)")
         timings = [(jax_rates, (step, sync))] + ([(torch_rates, peer)] if peer else [])
         for rates, (run, wait) in timings[:: 1 if round_ % 2 == 0 else -1]:
             rates.append(images_per_second(run, wait, batch, steps))

@@ -20,19 +20,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnn_jax.config import WORKDIR, Advice
+from cnn_jax.trees import path_name
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(Advice, RuntimeError):
     """Checkpoints that cannot be used; the message says which and what to do."""
-
-
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
 
 
 def shapes(tree) -> dict:
     """{'params/conv1/kernel': shape, ...} of a tree of arrays or orbax metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+    return {path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
 
 
 def mismatch(saved: dict, wanted: dict) -> str:
@@ -87,8 +86,9 @@ class Checkpointer:
 
     def _save_error(self, step, err) -> CheckpointError:
         kept = sorted(s for s in self.manager.all_steps() if s != step)
-        return CheckpointError(f"saving checkpoint {step} to {self.directory} failed ({_reason(err)}); "
-                               f"kept: {kept or 'none'}: free space or choose another --workdir, then rerun")
+        return CheckpointError(f"saving checkpoint {step} to {self.directory} failed "
+                               f"({_reason(err)}); kept: {kept or 'none'}: free space or choose another "
+                               "{0}, then rerun", WORKDIR)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -110,8 +110,9 @@ class Checkpointer:
                 continue
             differs = mismatch(shapes(metadata), wanted) if metadata is not None else ""
             if differs:
-                raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model or optimiser "
-                                      f"({differs}): use the run's own config, or another --workdir")
+                raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model or "
+                                      f"optimiser ({differs}): use the run's own config, or another {{0}}",
+                                      WORKDIR)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             except Exception as err:  # noqa: BLE001 - the arrays' files are damaged
@@ -122,7 +123,7 @@ class Checkpointer:
         if damaged:
             raise CheckpointError(f"no checkpoint in {self.directory} can be read (steps "
                                   f"{[s for s, _ in damaged]}); they are left untouched: move them away or "
-                                  "choose another --workdir")
+                                  "choose another {0}", WORKDIR)
         return state, None
 
     def _set_aside(self, damaged, rename: bool):

@@ -1,16 +1,16 @@
 """The whole config checked before any data is read or any array is built.
 
 A typo should cost a second, not a dataset load and a compile: `check_config` raises a
-`ConfigError` whose message is one line that names the flag (`--config.batch_size`) and
-the fix, and returns a copy with the derived values filled in (`eval_batch_size=0`: auto).
-It is idempotent, so both the command line and `train_and_evaluate` may call it.
+`ConfigError` that names the key, its value and the fix in one line, and returns a copy with
+the derived values filled in (`eval_batch_size=0`: auto). It is idempotent, so both the
+command line and `train_and_evaluate` may call it. The rules themselves belong to the modules
+that use the values (`optim.SCHEDULES`, `parallel.check_mesh`, ...); this module composes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import numbers
 import os
@@ -19,18 +19,14 @@ import re
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.data import store
+from cnn_jax.config import ConfigError, Set
+from cnn_jax.data import augment, store
+from cnn_jax.models import abstract_variables, spec_of
 
-SCHEDULES = ("plateau", "constant", "step", "cosine")  # the names optim.make_schedule accepts
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 CHANNELS = (1, 3)
 EVAL_BATCH_TARGET = 50  # the auto eval batch: the smallest valid size at least this large
-EXPERIMENTS = ("alexnet", "lenet", "vgg", "googlenet", "resnet")  # experiments/<family>.py
 SHOWN = 3  # items listed in full in a message; the rest are counted
-
-
-class ConfigError(ValueError):
-    """A config value that cannot run; the message is one line naming the flag and the fix."""
 
 
 # ---- small helpers ----------------------------------------------------------------------
@@ -41,14 +37,8 @@ def _get(config, key: str):
     return config
 
 
-def _show(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    return str(value)
-
-
-def _fail(key: str, value, why: str):
-    raise ConfigError(f"--config.{key}={_show(value)}: {why}")
+def _fail(key: str, value, why: str, *settings: Set):
+    raise ConfigError(why, *settings, key=key, value=value)
 
 
 def _is_int(value) -> bool:
@@ -97,12 +87,6 @@ def choice(config, key: str, choices, what: str):
         _fail(key, value, f"unknown {what}; {_suggest(value, choices)}choose one of {', '.join(map(str, choices))}")
 
 
-def multiple_hint(value: int, step: int) -> str:
-    """The valid sizes nearest `value` when sizes must be multiples of `step`."""
-    below = value // step * step
-    return f"{below} or {below + step}" if below > 0 else f"{step}"
-
-
 def auto_eval_batch(step: int, limit: int = 0, target: int = EVAL_BATCH_TARGET) -> int:
     """The smallest multiple of `step` that is >= target (or >= limit when that is smaller:
     a batch larger than the evaluated examples is padding)."""
@@ -123,25 +107,22 @@ def check_model(config):
     if name not in names:
         _fail("model_name", name, f"unknown model; {_suggest(name, names)}choose one of {_listing(names, 50)}")
     if "num_classes" in fields:
-        raise ConfigError("--config.model.num_classes: the class count comes from the dataset "
-                          "(--config.dataset); remove num_classes from the model's config")
+        raise ConfigError("the class count comes from the dataset ({0}); remove num_classes from the "
+                          "model's config", Set("dataset"), key="model.num_classes")
     accepted = sorted(f.name for f in dataclasses.fields(get_model(name, num_classes=10))
                       if f.name not in ("parent", "name", "num_classes"))
     unknown = sorted(set(fields) - set(accepted))
     if unknown:
-        family = next((f for f in EXPERIMENTS if name.startswith(f)), None)
-        fix = (f"run its own experiment, python -m experiments.{family} --config.model_name={name}"
-               if family else "remove it")
-        raise ConfigError(f"--config.model.{unknown[0]}: model {name!r} has no field {unknown[0]!r}"
+        raise ConfigError(f"model {name!r} has no field {unknown[0]!r}"
                           f"{f' (nor {_listing(unknown[1:], SHOWN)})' if unknown[1:] else ''}; "
-                          f"its fields are {', '.join(accepted)}: {fix}")
+                          f"its fields are {', '.join(accepted)}: remove it", key=f"model.{unknown[0]}")
     for key in ("dtype", "param_dtype"):
         if key in fields:
             check_dtype(f"model.{key}", fields[key])
     try:
         return get_model(name, num_classes=10, **fields)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"--config.model_name={name}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(str(err).splitlines()[0], key="model_name", value=name) from None
 
 
 def check_geometry(config, model):
@@ -150,22 +131,16 @@ def check_geometry(config, model):
     from cnn_jax.layers import GeometryError
 
     try:
-        _trace_init(model, config.input_size, config.channels)
+        abstract_variables(model, config.input_size, config.channels)
     except GeometryError as err:
-        fixes = [f"--config.input_size={err.suggestion}"] if err.suggestion else []
+        fixes = [Set("input_size", err.suggestion)] if err.suggestion else []
         if any(f.name == "floor" for f in dataclasses.fields(model)):
-            fixes.append("--config.model.floor=True to round every layer's output down")
-        raise ConfigError(f"--config.input_size={config.input_size} does not fit {config.model_name}: "
-                          f"{err.problem} Set {' or '.join(fixes) or 'another input size'}") from None
-
-
-@functools.lru_cache(maxsize=64)
-def _trace_init(model, size: int, channels: int):
-    import jax
-    import jax.numpy as jnp
-
-    jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                   jnp.zeros((1, size, size, channels), jnp.float32))
+            fixes.append(Set("model.floor", True))
+        said = [f"{{{i}}}" + (" to round every layer's output down" if f.key == "model.floor" else "")
+                for i, f in enumerate(fixes)]
+        raise ConfigError(f"does not fit {config.model_name}: {err.problem} Set "
+                          f"{' or '.join(said) or 'another input size'}", *fixes,
+                          key="input_size", value=config.input_size) from None
 
 
 def check_dtype(key: str, value):
@@ -182,7 +157,7 @@ def check_dtype(key: str, value):
 
 def check_optimisation(config):
     choice(config, "optimizer", sorted(optim.OPTIMIZERS), "optimizer")
-    choice(config, "schedule", SCHEDULES, "schedule")
+    choice(config, "schedule", optim.SCHEDULES, "schedule")
     try:
         optim.decay_mask(config.decay_mask)
     except ValueError:
@@ -199,12 +174,12 @@ def check_optimisation(config):
     bounds = tuple(config.step_boundaries)
     fractions = all(isinstance(b, float) and 0 < b < 1 for b in bounds)
     if not (fractions or all(_is_int(b) and b > 0 for b in bounds)) or list(bounds) != sorted(set(bounds)):
-        _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. "
-                                         "--config.step_boundaries='(30000, 60000)', or fractions of the run "
-                                         "in (0, 1), e.g. '(0.5, 0.75)'")
+        _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. {0}, or "
+                                         "fractions of the run in (0, 1), e.g. {1}",
+              Set("step_boundaries", (30000, 60000)), Set("step_boundaries", (0.5, 0.75)))
     if config.schedule == "cosine" and 0 < config.num_train_steps <= config.warmup_steps:
-        _fail("warmup_steps", config.warmup_steps, f"the cosine schedule must warm up in fewer than "
-                                                   f"--config.num_train_steps={config.num_train_steps} steps")
+        _fail("warmup_steps", config.warmup_steps, "the cosine schedule must warm up in fewer than {0} steps",
+              Set("num_train_steps", config.num_train_steps))
 
 
 def check_length(config):
@@ -212,8 +187,8 @@ def check_length(config):
     int_at_least(config, "num_train_steps", 0)
     number_in(config, "num_epochs", 0.0)
     if config.num_train_steps == 0 and config.num_epochs <= 0:
-        _fail("num_epochs", config.num_epochs, "must be > 0, or set --config.num_train_steps to a "
-                                               "positive number of steps")
+        _fail("num_epochs", config.num_epochs, "must be > 0, or set {0} to a positive number of steps",
+              Set("num_train_steps"))
 
 
 def check_cadence(config):
@@ -232,9 +207,10 @@ def check_data(config):
     int_at_least(config, "input_size", 1)
     int_at_least(config, "resize_size", 1)
     if config.resize_size < config.input_size:
-        _fail("resize_size", config.resize_size, f"must be >= --config.input_size={config.input_size} "
-                                                 "(crops are cut from the resized image)")
+        _fail("resize_size", config.resize_size, "must be >= {0} (crops are cut from the resized image)",
+              Set("input_size", config.input_size))
     choice(config, "channels", CHANNELS, "channel count (1: grey, 3: RGB)")
+    augment.check_normalize(config.normalize, config.channels)
     choice(config, "store_format", store.FORMATS, "store format")
     number_in(config, "pca_noise", 0.0)
     int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")
@@ -246,7 +222,8 @@ def check_transfer(config, model):
     classes = tuple(config.classes)
     if classes and (not all(_is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes)
                     or len(classes) < 2):
-        _fail("classes", classes, "must be two or more distinct class numbers, e.g. --config.classes='(5, 6, 7, 8, 9)'")
+        _fail("classes", classes, "must be two or more distinct class numbers, e.g. {0}",
+              Set("classes", (5, 6, 7, 8, 9)))
     int_at_least(config, "train_per_class", 0, "must be an integer >= 0 (0: every image)")
     if config.init_from and not os.path.exists(config.init_from):
         _fail("init_from", config.init_from, "no such file or folder: give a .pth, .pt or .safetensors file, or a "
@@ -255,20 +232,20 @@ def check_transfer(config, model):
     try:
         re.compile(config.freeze)
     except re.error as err:
-        _fail("freeze", config.freeze, f"not a regular expression ({err}); e.g. --config.freeze='^conv'")
+        _fail("freeze", config.freeze, f"not a regular expression ({err}); e.g. {{0}}", Set("freeze", "^conv"))
     for key in ("head_only", "new_head"):
         if not isinstance(config[key], bool):
             _fail(key, config[key], "must be True or False")
     number_in(config, "backbone_lr_scale", 0.0, low_open=True)
     if config.head_only and config.backbone_lr_scale != 1.0:
-        _fail("backbone_lr_scale", config.backbone_lr_scale, "has no effect with --config.head_only=True (the "
-                                                             "backbone is frozen): drop one of the two")
+        _fail("backbone_lr_scale", config.backbone_lr_scale, "has no effect with {0} (the backbone is "
+                                                             "frozen): drop one of the two", Set("head_only", True))
     if config.freeze or config.head_only or config.backbone_lr_scale != 1.0:
         check_freezing(config, model)
 
 
 def check_start(config, model):
-    """What `--config.init_from` names can start this model: a run with a checkpoint, or a
+    """What `config.init_from` names can start this model: a run with a checkpoint, or a
     weights file for a model with a torchvision layout (and PyTorch to read a .pth)."""
     import importlib.util
 
@@ -281,12 +258,12 @@ def check_start(config, model):
         try:
             transfer.checkpoint_of(source)
         except transfer.TransferError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(err.text, *err.settings, key=err.key, value=err.value) from None
         return
     try:
         weights.layout(model)
     except weights.WeightsError as err:
-        _fail("init_from", source, str(err))
+        _fail("init_from", source, err.text, *err.settings)
     if not source.endswith(".safetensors") and importlib.util.find_spec("torch") is None:
         _fail("init_from", source, "reading a PyTorch file needs PyTorch: pip install 'cnn_jax[torch]', or "
                                    "convert it to .safetensors")
@@ -294,17 +271,13 @@ def check_start(config, model):
 
 def check_freezing(config, model):
     """The freeze and backbone patterns against the model's parameter paths (shapes only)."""
-    import jax
-    import jax.numpy as jnp
-
     from cnn_jax import transfer
 
-    x = jnp.zeros((1, config.input_size, config.input_size, config.channels), jnp.float32)
     try:
-        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
+        params = abstract_variables(model, config.input_size, config.channels)["params"]
         transfer.describe_training(params, **transfer.patterns(model, config))
     except transfer.TransferError as err:
-        raise ConfigError(f"--config.{'freeze' if config.freeze else 'head_only'}: {err}") from None
+        raise ConfigError(str(err), key="freeze" if config.freeze else "head_only") from None
     except ValueError:  # the input size does not fit the model: check_data's and the model's own errors say so
         pass
 
@@ -321,59 +294,24 @@ def class_count(config, available: int) -> int:
 
 def check_processes(config):
     """The multi-process settings, checked before `jax.distributed` is started with them."""
+    choice(config, "distributed", parallel.DISTRIBUTED, "process launch")
+    int_at_least(config, "distributed_timeout", 1, "must be a positive number of seconds")
     int_at_least(config, "num_processes", 1)
     if not _is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
-        _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} "
-                                               f"(--config.num_processes={config.num_processes})")
-
-
-def towers_of(model) -> int:
-    """How many devices on the 'model' axis the model needs (1: it is not split)."""
-    return int(getattr(model, "towers", 2)) if getattr(model, "partition_rules", ()) else 1
-
-
-def check_mesh(config, model, device_count: int, process_count: int = 1) -> int:
-    """parallel mode, mesh shape and the model's tower axis; returns the 'data' axis size."""
-    choice(config, "parallel", parallel.MODES, "parallel mode")
-    mesh, towers = tuple(config.mesh), towers_of(model)
-    if mesh and (len(mesh) != 2 or not all(_is_int(n) and n > 0 for n in mesh)):
-        typed = mesh[0] if len(mesh) == 1 and isinstance(mesh[0], str) else mesh  # 'abc' parses as ('abc',)
-        _fail("mesh", typed, f"must be () or a (data, model) pair of positive integers, e.g. "
-                            f"--config.mesh='({device_count}, 1)'")
-    if towers > 1 and device_count < towers:
-        raise ConfigError(f"--config.model_name={config.model_name} needs {towers} devices, one per "
-                          f"tower, but {device_count} is available: run on {towers} devices or simulate "
-                          f"them with XLA_FLAGS=--xla_force_host_platform_device_count={towers}")
-    if mesh and math.prod(mesh) != device_count:
-        raise ConfigError(f"--config.mesh: mesh {_show(mesh)} needs {math.prod(mesh)} devices but "
-                          f"{device_count} are available: use --config.mesh='({device_count // towers}, "
-                          f"{towers})' or another (data, model) pair whose product is {device_count}")
-    model_axis = mesh[1] if mesh else 1
-    if model_axis != towers:
-        raise ConfigError(f"--config.mesh={_show(mesh)}: model {config.model_name!r} needs a 'model' "
-                          f"axis of {towers}: use --config.mesh='({device_count // towers}, {towers})'")
-    if config.parallel == "pmap" and (towers > 1 or model_axis != 1 or process_count > 1):
-        _fail("parallel", "pmap", "runs data parallel on one process only (a (devices, 1) mesh, no "
-                                  "towers): use --config.parallel=jit")
-    return mesh[0] if mesh else device_count
+        _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} ({{0}})",
+              Set("num_processes", config.num_processes))
 
 
 def check_batches(config, data_axis: int, process_count: int) -> int:
     """batch_size and eval_batch_size split evenly over the data axis and the processes;
     returns the eval batch size (0 in the config: auto)."""
-    step = math.lcm(data_axis, process_count)
-    why = (f"the 'data' mesh axis has {data_axis} device(s)" +
-           (f" and there are {process_count} processes" if process_count > 1 else ""))
     int_at_least(config, "batch_size", 1)
-    if config.batch_size % step:
-        _fail("batch_size", config.batch_size, f"must be a multiple of {step} ({why}): "
-                                               f"use {multiple_hint(config.batch_size, step)}")
+    parallel.check_batch(config.batch_size, data_axis, process_count)
     int_at_least(config, "eval_batch_size", 0, "must be an integer >= 0 (0: auto)")
     if config.eval_batch_size == 0:
-        return auto_eval_batch(step, config.eval_limit)
-    if config.eval_batch_size % step:
-        _fail("eval_batch_size", config.eval_batch_size, f"must be a multiple of {step} ({why}): use "
-                                                         f"{multiple_hint(config.eval_batch_size, step)}, or 0 for auto")
+        return auto_eval_batch(math.lcm(data_axis, process_count), config.eval_limit)
+    parallel.check_batch(config.eval_batch_size, data_axis, process_count, key="eval_batch_size",
+                         also=", or 0 for auto")
     return config.eval_batch_size
 
 
@@ -389,11 +327,13 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_optimisation(config)
         check_length(config)
         check_cadence(config)
-        data_axis = check_mesh(config, model, device_count, process_count)
+        choice(config, "parallel", parallel.MODES, "parallel mode")
+        data_axis = parallel.check_mesh(config.mesh, spec_of(model).towers, device_count, config.parallel,
+                                        process_count, config.model_name)
         eval_batch = check_batches(config, data_axis, process_count)
     except (AttributeError, KeyError) as err:  # a config without a key these checks read
-        raise ConfigError(f"the config lacks {str(err).splitlines()[0]}: start from an experiment's "
-                          "get_config()") from None
+        raise ConfigError(f"the config lacks {str(err).splitlines()[0]}: start from "
+                          "cnn_jax.config.defaults() or an experiment's get_config()") from None
     checked = ml_collections.ConfigDict(config.to_dict())
     checked.eval_batch_size = eval_batch
     if getattr(config, "is_locked", False):

@@ -1,8 +1,6 @@
 """Evaluation: top-1 / top-5 error with the centre crop or the paper's ten crops.
 
-    python -m experiments.alexnet --config.eval_only=True --workdir=runs/alexnet_digits
-
-evaluates the newest checkpoint of a workdir both ways. Ten-crop averages the softmax over
+A run with `config.eval_only = True` evaluates the newest checkpoint of its workdir both ways. Ten-crop averages the softmax over
 the four corner and centre patches and their mirrors (section 4.1 of the paper). The crops
 are taken on the device (`data.augment`); the sums of each batch stay there until the end.
 """
@@ -11,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CROPS = ("centre", "ten")
+from cnn_jax.config import ConfigError, Set
 
 
 def summarise(sums: dict | None, classes: int | None = None) -> dict:
@@ -19,7 +17,7 @@ def summarise(sums: dict | None, classes: int | None = None) -> dict:
     share ('nonfinite') and counted as errors, never averaged away. With 5 `classes` or fewer
     every label is in the top 5: top-5 error is left out, not reported as 0."""
     if not sums or not float(sums["count"]):
-        raise ValueError("the evaluation saw no examples: check --config.eval_split and --config.eval_limit")
+        raise ConfigError("the evaluation saw no examples: check {0} and {1}", Set("eval_split"), Set("eval_limit"))
     count = float(sums["count"])
     keys = ("loss", "top1_error", "nonfinite") if classes is not None and classes <= 5 else \
         ("loss", "top1_error", "top5_error", "nonfinite")

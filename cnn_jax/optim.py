@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnn_jax.trees import path_name
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -102,7 +104,7 @@ def parameter_labels(frozen: str = "", slow: str = "") -> Callable:
     regular expressions on its path ('conv1/kernel', 'stage1_block1/bn1/scale')."""
 
     def label(path, _):
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = path_name(path)
         if frozen and re.search(frozen, name):
             return "frozen"
         return "slow" if slow and re.search(slow, name) else "train"
@@ -151,6 +153,9 @@ def current_learning_rate(opt_state) -> jax.Array:
 
 # ---- schedules ---------------------------------------------------------------------------
 
+SCHEDULES = ("plateau", "constant", "step", "cosine")
+
+
 def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=(),
                   factor: float = 0.1, warmup_steps: int = 0) -> float | Schedule:
     """'constant' and 'plateau' (constant here, dropped by `plateau_update`), 'step'
@@ -171,7 +176,7 @@ def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=()
             raise ValueError(f"cosine schedule: total_steps ({total_steps}) must exceed "
                              f"warmup_steps ({warmup_steps})")
         return optax.warmup_cosine_decay_schedule(0.0, base, warmup_steps, total_steps, 0.0)
-    raise ValueError(f"unknown schedule {kind!r}; choose constant, step, cosine or plateau")
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 class PlateauState(NamedTuple):

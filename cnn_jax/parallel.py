@@ -3,10 +3,10 @@
 - Data parallel (default): the global batch is sharded on 'data', parameters replicated;
   `jax.jit` with in/out shardings compiles one program for all devices, and XLA inserts the
   gradient all-reduce.
-- `pmap` (`--config.parallel=pmap`): the classic path, the same pure `train_step` with
+- `pmap` (`parallel="pmap"`): the classic path, the same pure `train_step` with
   gradients averaged by `pmean` over 'data'. Batch-norm statistics are then per device, as in
   the classic recipes (the jit path computes them over the global batch).
-- AlexNet's two towers: a model with `partition_rules` (alexnet_2tower) has its tower axis
+- AlexNet's two towers: a model whose spec has `partition_rules` (alexnet_2tower) has its tower axis
   split over 'model', and its forward pass runs under `jax.shard_map` with the towers'
   activations exchanged by `all_gather` exactly where the paper's GPUs communicate.
 - Multi-host: `initialize_distributed` before anything else; each process loads its own
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Callable
@@ -27,22 +28,150 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnn_jax.config import ConfigError, Set
+from cnn_jax.data.augment import CROPS
+from cnn_jax.models import spec_of
+from cnn_jax.trees import path_name
 
 MODES = ("jit", "pmap")
 
 
-def initialize_distributed(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
-    """`jax.distributed.initialize` when running on several processes (config or the
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment)."""
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    num_processes = int(os.environ.get("JAX_NUM_PROCESSES", num_processes))
-    process_id = int(os.environ.get("JAX_PROCESS_ID", process_id))
-    if num_processes > 1:
-        if not coordinator:
-            raise ValueError(f"{num_processes} processes need a coordinator address: set "
-                             "--config.coordinator_address=HOST:PORT")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+class MeshError(ConfigError):
+    """Devices, mesh, batch and parallel mode that do not fit together."""
+
+
+def check_mesh(mesh: tuple, towers: int, device_count: int, mode: str = "jit", process_count: int = 1,
+               model_name: str = "") -> int:
+    """The one rule for a (data, model) mesh: its product is the device count, its 'model' axis
+    holds the model's towers (1: not split), pmap runs one process with no towers. Returns the
+    'data' axis size. `mesh=()` means all devices on 'data'."""
+    mesh, named = tuple(mesh), f"model {model_name!r}" if model_name else "the model"
+    if mode not in MODES:
+        raise MeshError(f"unknown parallel mode; choose one of {', '.join(MODES)}", key="parallel", value=mode)
+    if mesh and (len(mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
+        typed = mesh[0] if len(mesh) == 1 and isinstance(mesh[0], str) else mesh  # 'abc' parses as ('abc',)
+        raise MeshError("must be () or a (data, model) pair of positive integers, e.g. {0}",
+                        Set("mesh", (device_count, 1)), key="mesh", value=typed)
+    if towers > 1 and device_count < towers:
+        raise MeshError(f"needs {towers} devices, one per tower, but {device_count} is available: run on "
+                        f"{towers} devices or simulate them with XLA_FLAGS=--xla_force_host_platform_device_count="
+                        f"{towers}", key="model_name" if model_name else "mesh",
+                        value=model_name if model_name else mesh)
+    fit = Set("mesh", (max(device_count // towers, 1), towers))
+    if mesh and math.prod(mesh) != device_count:
+        raise MeshError(f"needs {math.prod(mesh)} devices but {device_count} are available: use {{0}} or "
+                        f"another (data, model) pair whose product is {device_count}", fit, key="mesh", value=mesh)
+    model_axis = mesh[1] if mesh else 1
+    if model_axis != towers:
+        raise MeshError(f"{named} needs a 'model' axis of {towers}: use {{0}}", fit, key="mesh", value=mesh)
+    if mode == "pmap" and (towers > 1 or model_axis != 1 or process_count > 1):
+        raise MeshError("runs data parallel on one process only (a (devices, 1) mesh, no towers): use {0}",
+                        Set("parallel", "jit"), key="parallel", value="pmap")
+    return mesh[0] if mesh else device_count
+
+
+DISTRIBUTED = ("detect", "auto", "manual")
+# What a cluster launcher sets in every task's environment, and what jax.distributed.initialize()
+# reads when called without arguments: (variables that must all be set, the task count's variable).
+CLUSTERS = {
+    "SLURM": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+              "SLURM_NTASKS"),
+    "Open MPI": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_RANK"), "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def detected_cluster(environ=os.environ) -> tuple[str, int] | None:
+    """(launcher, task count) when this process is one task of a cluster launch (srun, mpirun)."""
+    for name, (variables, count) in CLUSTERS.items():
+        if all(v in environ for v in variables):
+            return name, int(environ[count])
+    return None
+
+
+def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.environ) -> tuple[str, int, str]:
+    """(how the processes find each other: 'single', 'auto' or 'manual'; the process count; the
+    coordinator) for `mode`: 'detect' (auto under a cluster launch of 2+ tasks, else the manual
+    settings), 'auto' (jax.distributed.initialize() finds the cluster: SLURM, Open MPI,
+    Kubernetes, Cloud TPU) or 'manual' (num_processes, process_id, coordinator_address, or
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS)."""
+    if mode not in DISTRIBUTED:
+        raise ConfigError(f"choose one of {', '.join(DISTRIBUTED)}", key="distributed", value=mode)
+    count = int(environ.get("JAX_NUM_PROCESSES", num_processes))
+    coordinator = coordinator or environ.get("JAX_COORDINATOR_ADDRESS", "")
+    cluster = detected_cluster(environ)
+    if mode == "auto" or (mode == "detect" and count == 1 and cluster and cluster[1] > 1):
+        return "auto", cluster[1] if cluster else 0, ""  # 0: the launcher's count, known once joined
+    if count > 1 and not coordinator:
+        raise ConfigError(f"{count} processes need the HOST:PORT of process 0: set {{0}} (or "
+                          "$JAX_COORDINATOR_ADDRESS), or start them with a cluster launcher (srun, mpirun)",
+                          Set("coordinator_address", "HOST:PORT"))
+    return ("manual" if count > 1 else "single"), count, coordinator
+
+
+def initialize_distributed(mode: str = "detect", coordinator: str = "", num_processes: int = 1, process_id: int = 0,
+                           timeout: int = 300, environ=os.environ):
+    """`jax.distributed.initialize` when this run is one of several processes (see `launch`). A
+    process that cannot join within `timeout` seconds raises a one-line `ConfigError` naming
+    what it read, instead of waiting for ever."""
+    how, count, coordinator = launch(mode, num_processes, coordinator, environ)
+    if how == "single":
+        return
+    process_id = int(environ.get("JAX_PROCESS_ID", process_id))
+    if how == "auto":
+        coordinator, process_id = _cluster_address(timeout)
+    read = _read_variables(environ) if how == "auto" else f"coordinator {coordinator}, {count} processes"
+
+    def refuse(why: str):
+        raise ConfigError(f"this process could not join the others ({why}; read {read}): start "
+                          "every task, check that process 0's host is reachable, or raise {0}",
+                          Set("distributed_timeout"), key="distributed", value=mode) from None
+
+    # XLA's client aborts the whole process when process 0 cannot be reached in time: look first.
+    if process_id and coordinator and not _reachable(coordinator, timeout):
+        refuse(f"nothing answers at {coordinator} within {timeout} s")
+    try:
+        if how == "auto":
+            jax.distributed.initialize(initialization_timeout=timeout)
+        else:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=process_id,
+                                       initialization_timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - jax raises several kinds; all mean: did not join
+        refuse(str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+
+
+def _cluster_address(timeout: int) -> tuple[str, int]:
+    """(coordinator, this process's id) as jax.distributed.initialize() will find them; ('', 0)
+    where this jax cannot say beforehand (its detection is internal)."""
+    try:
+        from jax._src import clusters
+
+        found = clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, timeout)
+        return found[0] or "", int(found[2] or 0)
+    except Exception:  # noqa: BLE001 - the look-ahead is optional; initialize() still detects
+        return "", 0
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether something accepts connections at HOST:PORT within `timeout` seconds."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _read_variables(environ) -> str:
+    found = [f"{v}={environ[v]}" for variables, _ in CLUSTERS.values() for v in variables if v in environ]
+    return ", ".join(found) or "no cluster variables set"
 
 
 def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
@@ -53,9 +182,7 @@ def make_mesh(shape: tuple[int, int] | None = None) -> Mesh:
     """
     n = jax.device_count()
     shape = tuple(shape) if shape else (n, 1)
-    if len(shape) != 2 or int(np.prod(shape)) != n:
-        raise ValueError(f"mesh {shape} needs {int(np.prod(shape))} devices but {n} are available: "
-                         f"use --config.mesh='({n}, 1)' or a (data, model) pair whose product is {n}")
+    check_mesh(shape, shape[1] if len(shape) == 2 else 1, n)
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh(shape, ("data", "model"), axis_types=auto)
 
@@ -87,6 +214,24 @@ def jit(fun: Callable, **kwargs) -> Callable:
     return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
 
+def use_compilation_cache(directory: str) -> str:
+    """Keeps compiled programs of more than a second's compile in `directory` (created), so that
+    a repeated or resumed run skips compiling them; '' turns the cache off. JAX settles this at
+    its first compilation in a process: call it before anything compiles. Returns the folder."""
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return ""
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot be created ({err.strerror}): choose a writable folder, or '' to "
+                          "compile afresh", key="compilation_cache", value=directory) from None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def barrier(name: str):
     """Every process waits here for the others (a no-op with one process)."""
     if jax.process_count() > 1:
@@ -104,11 +249,18 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def check_batch(global_batch: int, mesh: Mesh):
-    data = mesh.shape["data"]
-    if global_batch % data:
-        raise ValueError(f"global batch {global_batch} does not divide across the {data} devices of "
-                         f"the 'data' axis: use a multiple of {data} for --config.batch_size")
+def check_batch(global_batch: int, data_axis: int, process_count: int = 1, key: str = "batch_size",
+                also: str = ""):
+    """The one rule for a batch: it splits evenly over the 'data' axis and the processes (`also`:
+    another way out, added to the message)."""
+    step = math.lcm(data_axis, process_count)
+    if global_batch % step:
+        why = (f"the 'data' mesh axis has {data_axis} device(s)" +
+               (f" and there are {process_count} processes" if process_count > 1 else ""))
+        below = global_batch // step * step
+        fixes = [Set(key, below), Set(key, below + step)] if below > 0 else [Set(key, step)]
+        said = " or ".join(f"{{{i}}}" for i in range(len(fixes)))
+        raise MeshError(f"must be a multiple of {step} ({why}): use {said}{also}", *fixes, key=key, value=global_batch)
 
 
 def spec_for(path: str, rules) -> P:
@@ -119,16 +271,12 @@ def spec_for(path: str, rules) -> P:
     return P()
 
 
-def _path(keypath) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
-
-
 def tree_specs(tree, rules=()):
     """A PartitionSpec for every leaf of `tree` (arrays or ShapeDtypeStructs), from `rules`;
     scalars are replicated. Rules match parameter paths, so the optimiser's copies of the
     parameters (momentum) shard like the parameters themselves."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, leaf: spec_for(_path(kp), rules) if np.ndim(leaf) else P(), tree)
+        lambda kp, leaf: spec_for(path_name(kp), rules) if np.ndim(leaf) else P(), tree)
 
 
 def tree_shardings(tree, mesh: Mesh, rules=()):
@@ -151,8 +299,9 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
     per data shard.
     """
     if mesh.shape["model"] != model.towers:
-        raise ValueError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, "
-                         f"not {mesh.shape['model']}: use --config.mesh='(N, {model.towers})'")
+        raise MeshError(f"{model.towers} towers need a 'model' mesh axis of {model.towers}, not "
+                        f"{mesh.shape['model']}: use {{0}}", Set("mesh", (max(mesh.size // model.towers, 1), model.towers)),
+                        key="mesh", value=tuple(mesh.shape.values()))
     gather = functools.partial(jax.lax.all_gather, axis_name="model", axis=0, tiled=True)
 
     def combine(x):  # (1, B, k) -> (B, towers * k), this tower's k columns filled, then summed
@@ -164,7 +313,7 @@ def towers_apply(model: nn.Module, mesh: Mesh) -> Callable:
     def apply(variables, x, *, train: bool, rngs=None, mutable=False):
         if mutable:
             raise ValueError("the two-tower model keeps no mutable state")
-        specs = tree_specs(variables, model.partition_rules)
+        specs = tree_specs(variables, spec_of(model).partition_rules)
         key = (rngs or {}).get("dropout", jax.random.key(0))
 
         def body(v, images, key):
@@ -203,7 +352,7 @@ class Runner:
 
 def apply_fn(model: nn.Module, mesh: Mesh) -> Callable:
     """The model's apply for this mesh: tower-sharded for models that declare partition rules."""
-    return towers_apply(model, mesh) if getattr(model, "partition_rules", ()) else model.apply
+    return towers_apply(model, mesh) if spec_of(model).partition_rules else model.apply
 
 
 def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_step: Callable,
@@ -214,17 +363,17 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
     crops)` are the pure steps; `prep` (the preprocessor: image spec and dataset statistics)
     is replicated. The canonical state layout (what checkpoints hold) is `tree_shardings`'.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown parallel mode {mode!r}: use one of {MODES}")
-    check_batch(global_batch, mesh)
-    rules = getattr(model, "partition_rules", ())
+    check_mesh(tuple(mesh.shape.values()), mesh.shape["model"], mesh.size, mode, jax.process_count())
+    rules = spec_of(model).partition_rules
     if rules and mode == "pmap":
-        raise ValueError("the two-tower model runs with --config.parallel=jit (explicit sharding), not pmap")
+        raise MeshError("the two-tower model runs with {0} (explicit sharding)", Set("parallel", "jit"),
+                        key="parallel", value="pmap")
+    check_batch(global_batch, mesh.shape["data"])
     state_sh = tree_shardings(abstract_state, mesh, rules)
     replicated = NamedSharding(mesh, P())
     batch_sh = NamedSharding(mesh, P("data"))
     evals = {crops: jit(functools.partial(eval_step, crops=crops), in_shardings=(state_sh, batch_sh, replicated),
-                            out_shardings=replicated) for crops in ("centre", "ten")}
+                            out_shardings=replicated) for crops in CROPS}
 
     def eval_fn(state, batch, prep, crops="centre"):
         return evals[crops](state, batch, prep)
@@ -235,8 +384,6 @@ def make_runner(mode: str, mesh: Mesh, model: nn.Module, abstract_state, train_s
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
         return Runner(mesh, mode, state_sh, canonical, canonical, lambda b: place_batch(b, mesh),
                       step, eval_fn)
-    if mesh.shape["model"] != 1 or jax.process_count() > 1:
-        raise ValueError("--config.parallel=pmap runs on one host with a (devices, 1) mesh")
     devices = mesh.devices.reshape(-1)
     n = len(devices)
     pstep = jax.pmap(functools.partial(train_step, axis_name="data"), axis_name="data", in_axes=(0, 0, 0, None),

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import collections
 import time
-
-import typing
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-if typing.TYPE_CHECKING:  # annotations only: train imports this module
-    from cnn_jax.timing import StepClock
-    from cnn_jax.train import Run
+from cnn_jax.config import Advice, Set
+from cnn_jax.timing import StepClock
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Advice, RuntimeError):
     """The loss became NaN or infinite; the message gives the step."""
 
 
@@ -29,8 +27,10 @@ class TrainLog:
     read everything first. Reading is where NaN is caught.
     """
 
-    def __init__(self, run: Run, clock: StepClock, bar):
-        self.run, self.clock, self.bar = run, clock, bar
+    def __init__(self, writer, clock: StepClock, bar, *, batch_size: int, newest: Callable[[], str]):
+        """`writer.write(step, scalars)` receives each window's means; `newest()` names the newest
+        checkpoint for the NaN error; `bar.set_postfix` shows loss and speed."""
+        self.writer, self.clock, self.bar, self.batch_size, self.newest = writer, clock, bar, batch_size, newest
         self.window, self.closed, self.since = [], collections.deque(), time.perf_counter()
 
     def add(self, stats: dict):
@@ -61,11 +61,12 @@ class TrainLog:
             if not np.isfinite(stats["loss"]):
                 failed = step - len(values) + offset + 1
                 raise NonFiniteLossError(f"loss is {stats['loss']} at step {failed}; the newest checkpoint is "
-                                         f"{self.run._newest()}: lower --config.learning_rate or check the data, "
-                                         "then rerun to resume from it")
+                                         f"{self.newest()}: lower {{0}} (with {{1}}) or check the data, "
+                                         "then rerun to resume from it", Set("learning_rate"),
+                                         Set("allow_config_change", True))
         means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
         means["data_wait"] = self.clock.take()
-        means["images_per_second"] = self.run.config.batch_size * len(values) / max(seconds, 1e-9)
-        self.run.writer.write(step, {f"train/{k}": v for k, v in means.items()})
+        means["images_per_second"] = self.batch_size * len(values) / max(seconds, 1e-9)
+        self.writer.write(step, {f"train/{k}": v for k, v in means.items()})
         self.bar.set_postfix(loss=f"{means['loss']:.3f}", img_s=f"{means['images_per_second']:.0f}",
                              wait=f"{means['data_wait']:.0%}", refresh=False)

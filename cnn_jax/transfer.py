@@ -22,15 +22,17 @@ import numpy as np
 
 from cnn_jax import weights
 from cnn_jax.checkpoint import newest_step, restore_as_numpy, shapes
+from cnn_jax.config import SettingError
+from cnn_jax.models import spec_of
 
 
-class TransferError(ValueError):
+class TransferError(SettingError):
     """Weights that cannot start this model; the message is one line."""
 
 
 def head_of(model) -> tuple[str, ...]:
     """The model's head: the module paths of the layers that follow `num_classes`."""
-    return tuple(getattr(type(model), "head", ()))
+    return spec_of(model).head
 
 
 def all_but_head(model) -> str:
@@ -131,8 +133,8 @@ def checkpoint_of(location) -> pathlib.Path:
     try:
         return newest_step(location)
     except FileNotFoundError:
-        raise TransferError(f"--config.init_from={location}: no checkpoint there; give a run's workdir, its "
-                            "checkpoints/<step>, or a weights file") from None
+        raise TransferError("no checkpoint there; give a run's workdir, its checkpoints/<step>, or a "
+                            "weights file", key="init_from", value=str(location)) from None
 
 
 def workdir_variables(location) -> tuple[dict, str]:
@@ -141,8 +143,8 @@ def workdir_variables(location) -> tuple[dict, str]:
     try:
         state = restore_as_numpy((step / "state").absolute())
     except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds on damage
-        raise TransferError(f"--config.init_from={location}: cannot read {step} ({type(err).__name__}); it may be "
-                            "damaged: point at another step, checkpoints/<step>") from None
+        raise TransferError(f"cannot read {step} ({type(err).__name__}); it may be damaged: point at "
+                            "another step, checkpoints/<step>", key="init_from", value=str(location)) from None
     return {c: state[c] for c in ("params", "batch_stats") if state.get(c)}, str(step)
 
 
@@ -158,7 +160,7 @@ def initial_variables(source, model, fresh: dict, new_head: bool = False) -> Sta
         try:
             loaded = weights.load(location, model, replace=head_of(model))
         except weights.WeightsError as err:
-            raise TransferError(f"--config.init_from={source}: {err}") from None
+            raise TransferError(err.text, *err.settings, key="init_from", value=str(source)) from None
         name = str(location)
     return merge(fresh, loaded, head_of(model), name, new_head)
 

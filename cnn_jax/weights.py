@@ -21,17 +21,19 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax.config import SettingError, Set
 from cnn_jax.files import replaced_atomically
+from cnn_jax.models import TorchLayout, abstract_variables, spec_of
 
 
-class WeightsError(ValueError):
+class WeightsError(SettingError):
     """A weights file that cannot be read into the model; the message says why in one line."""
 
 
@@ -46,69 +48,24 @@ class Layer:
     channels: int = 0
 
 
-# ---- the layouts ---------------------------------------------------------------------
-
-def _vgg_prefixes(model) -> Callable[[tuple], str]:
-    from cnn_jax.models.vgg import CONFIGS
-
-    names, i = {}, 0
-    for block, convs in enumerate(CONFIGS[model.config], start=1):
-        for j in range(1, convs + 1):  # torchvision's `features`: conv, [bn], relu, ..., pool
-            names[f"conv{block}_{j}"] = f"features.{i}"
-            names[f"bn{block}_{j}"] = f"features.{i + 1}"
-            i += 3 if model.batch_norm else 2
-        i += 1
-    names.update(fc6="classifier.0", fc7="classifier.3", fc8="classifier.6")
-    return lambda path: names[path[0]]
-
-
-def _resnet_prefix(path: tuple) -> str:
-    stage = re.fullmatch(r"stage(\d+)_block(\d+)", path[0])
-    if not stage:
-        return ".".join(path)
-    inner = {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}.get(path[1], path[1])
-    return f"layer{stage.group(1)}.{int(stage.group(2)) - 1}.{inner}"
-
-
-def _alexnet_prefix(path: tuple) -> str:
-    return {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
-            "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}[path[0]]
-
-
-def _googlenet_prefix(path: tuple) -> str:
-    return re.sub(r"branch(\d)_(\d)", r"branch\1.\2", ".".join(path))
-
-
-def layout(model) -> tuple[Callable[[tuple], str], dict[tuple, int]]:
-    """(Flax module path -> state-dict prefix, {path of a layer reading a (C, H, W) flattening: C})."""
-    from cnn_jax.models.resnet import ResNet
-    from cnn_jax.models.torchvision import AlexNetTorchvision, GoogLeNetTorchvision
-    from cnn_jax.models.vgg import VGG
-
-    if isinstance(model, VGG):
-        return _vgg_prefixes(model), {("fc6",): 512}
-    if isinstance(model, ResNet) and not model.cifar:
-        if model.shortcut != "B":
-            raise WeightsError("torchvision's ResNets project their shortcuts (option B): build the model with "
-                               "shortcut='B' (--config.model.shortcut=B)")
-        return _resnet_prefix, {}
-    if isinstance(model, AlexNetTorchvision):
-        return _alexnet_prefix, {("fc6",): 256}
-    if isinstance(model, GoogLeNetTorchvision):
-        return _googlenet_prefix, {("aux1", "fc1"): 128, ("aux2", "fc1"): 128}
-    raise WeightsError(f"{type(model).__name__} has no torchvision layout: weights load into vgg11..vgg19(_bn), "
-                       "resnet18..resnet152, googlenet_torchvision and alexnet_torchvision")
-
-
-def abstract_variables(model: nn.Module) -> dict:
-    """The model's variables as shapes (nothing is computed)."""
-    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False))
+def layout(model) -> TorchLayout:
+    """How torchvision names `model`'s layers, from its spec; an error names what would fit."""
+    describe = spec_of(model).torchvision
+    found = describe(model) if describe else None
+    if found is None:
+        raise WeightsError(f"{type(model).__name__} has no torchvision layout: weights load into vgg11..vgg19(_bn), "
+                           "resnet18..resnet152, googlenet_torchvision and alexnet_torchvision")
+    for field, wanted in found.requires.items():
+        if getattr(model, field) != wanted:
+            raise WeightsError(f"torchvision's {type(model).__name__} has {field}={wanted!r}: build the model "
+                               f"with {field}={wanted!r} ({{0}})", Set(f"model.{field}", wanted))
+    return found
 
 
 def layers(model: nn.Module, variables=None) -> list[Layer]:
     """Every parameterised layer of `model` with its state-dict prefix and kind."""
-    to_prefix, chw = layout(model)
+    found = layout(model)
+    to_prefix, chw = found.prefix, found.chw
     params = (variables or abstract_variables(model))["params"]
     found = []
 
@@ -234,12 +191,14 @@ def convert(state: Mapping[str, np.ndarray], model: nn.Module, *, replace: Itera
         parts += [_listed(unexpected, "unexpected")] if unexpected else []
         heads = ("aux1.", "aux2.")
         if unexpected and all(k.startswith(heads) for k in unexpected):
-            hint = "the file has auxiliary heads: build the model with aux_heads=True (--config.model.aux_heads=True)"
+            hint, fix = "the file has auxiliary heads: build the model with aux_heads=True ({0})", True
         elif missing and all(k.startswith(heads) for k in missing):
-            hint = "the file has no auxiliary heads: build the model with aux_heads=False (--config.model.aux_heads=False)"
+            hint, fix = "the file has no auxiliary heads: build the model with aux_heads=False ({0})", False
         else:
-            hint = "is this file for another network?"
-        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}")
+            hint, fix = "is this file for another network?", None
+        settings = () if fix is None else (Set("model.aux_heads", fix),)
+        raise WeightsError(f"the weights do not fit {type(model).__name__}: {'; '.join(parts)} key(s); {hint}",
+                           *settings)
     replaced = set()
     for key, (layer, shape) in expected.items():
         if key.endswith(".num_batches_tracked"):

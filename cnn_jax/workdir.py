@@ -20,44 +20,43 @@ import pathlib
 import socket
 import tempfile
 
+from cnn_jax import config as config_lib
+from cnn_jax.config import WORKDIR, Set, SettingError
 from cnn_jax.files import replaced_atomically
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 SHOWN = 3  # differing keys listed in an error; the rest are counted
 
-# Keys that change what is trained: a resume with other values is refused unless allowed.
-TRAINING_KEYS = frozenset({
-    "model_name", "dataset", "train_split", "input_size", "resize_size", "channels", "store_format",
-    "flip", "pca_noise", "optimizer", "learning_rate", "momentum", "weight_decay", "decay_mask", "schedule",
-    "lr_drop_factor", "plateau_patience", "plateau_max_drops", "step_boundaries", "warmup_steps",
-    "aux_weight", "batch_size", "seed", "classes", "train_per_class", "freeze", "head_only", "backbone_lr_scale"})
-LENGTH_KEYS = frozenset({"num_epochs", "num_train_steps"})
+# Which keys change what is trained: config.WATCHING, config.LENGTH, config.NOT_RECORDED.
 LENGTH_SCHEDULES = ("cosine",)  # schedules whose shape depends on the run's length
-NOT_RECORDED = frozenset({"allow_config_change", "eval_only"})  # how to resume or look, not what was trained
 
 
-class WorkdirError(RuntimeError):
-    """A run folder that cannot be used; the message is one line naming --workdir and the fix."""
+class WorkdirError(SettingError):
+    """A run folder that cannot be used; the message is one line naming the workdir and the fix."""
 
 
 def open_workdir(path) -> pathlib.Path:
     """`path` as an absolute folder, created if needed and proven writable."""
     workdir = pathlib.Path(path).expanduser().absolute()
     if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir={path} is a file, not a folder: choose another --workdir")
+        raise WorkdirError("is a file, not a folder: choose another {0}", WORKDIR, key=_given(path))
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WorkdirError(f"--workdir={path} cannot be created ({_reason(err)}): choose a folder "
-                           "you can write to with --workdir") from None
+        raise WorkdirError(f"cannot be created ({_reason(err)}): choose a folder you can write to as {{0}}",
+                           WORKDIR, key=_given(path)) from None
     try:
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
             pass
     except OSError as err:
-        raise WorkdirError(f"--workdir={path} is not writable ({_reason(err)}): fix its permissions "
-                           "or choose another --workdir") from None
+        raise WorkdirError(f"is not writable ({_reason(err)}): fix its permissions or choose another {{0}}",
+                           WORKDIR, key=_given(path)) from None
     return workdir
+
+
+def _given(path) -> Set:
+    return Set("workdir", str(path), argument=True)
 
 
 def _reason(err: OSError) -> str:
@@ -77,7 +76,7 @@ def workdir_lock(workdir):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkdirError(f"another run ({_holder(path)}) is using {workdir}: wait for it or "
-                               "choose another --workdir") from None
+                               "choose another {0}", WORKDIR) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
@@ -109,7 +108,7 @@ def _flat(config, prefix: str = "") -> dict:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
-    return {k: v for k, v in out.items() if k not in NOT_RECORDED}
+    return {k: v for k, v in out.items() if k not in config_lib.NOT_RECORDED}
 
 
 def _show(value) -> str:
@@ -118,11 +117,9 @@ def _show(value) -> str:
 
 def trains_differently(key: str, saved: dict, now: dict) -> bool:
     """Whether a change of `key` changes what is trained (rather than how it is watched)."""
-    if key in TRAINING_KEYS or key.startswith("model."):
-        return True
-    if key in LENGTH_KEYS:
+    if key in config_lib.LENGTH:
         return any(_length_shaped(c) for c in (saved, now))
-    return False
+    return key not in config_lib.WATCHING and not key.startswith(config_lib.OWN_BLOCKS)
 
 
 def _length_shaped(config: dict) -> bool:
@@ -171,13 +168,13 @@ def check_resume_config(config, workdir, *, allow_change: bool, write: bool = Tr
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WorkdirError(f"{path} cannot be read ({err}): restore it, delete it to accept the "
-                           "current settings, or choose another --workdir") from None
+                           "current settings, or choose another {0}", WORKDIR) from None
     training, harmless = compare_configs(saved, now)
     if training and not allow_change:
         more = f" (+{len(training) - SHOWN} more)" if len(training) > SHOWN else ""
-        raise WorkdirError(f"--workdir={workdir} was trained with other settings: {'; '.join(training[:SHOWN])}"
-                           f"{more}: use the saved values, another --workdir, or "
-                           "--config.allow_config_change=True")
+        raise WorkdirError(f"was trained with other settings: {'; '.join(training[:SHOWN])}{more}: "
+                           "use the saved values, another {0}, or {1}", WORKDIR, Set("allow_config_change", True),
+                           key=_given(workdir))
     if (training or harmless) and write:
         write_json_atomic(path, now)
     return training + harmless

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import time
@@ -68,3 +70,26 @@ class MetricWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+LOG_FILE = "warnings.log"
+
+
+@contextlib.contextmanager
+def warnings_log(workdir: pathlib.Path, enabled: bool = True):
+    """Every warning logged during the block (the libraries' too: tensorflow-datasets, orbax)
+    appended to workdir/warnings.log, so that a console kept to what the user can act on loses
+    nothing."""
+    if not enabled:
+        yield None
+        return
+    handler = logging.FileHandler(pathlib.Path(workdir) / LOG_FILE, encoding="utf-8")
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(pathname)s:%(lineno)d: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.baseFilename
+    finally:
+        root.removeHandler(handler)
+        handler.close()

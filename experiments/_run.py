@@ -3,14 +3,15 @@
 Each experiment module defines `get_config()` and calls `run(get_config)`; the flags
 `--config.x=...` override declared keys only (the config is locked: a typo is an error).
 The whole config is checked before any data is read. Exit status: 0 done, 2 a user error
-(one line on stderr: the flag and the fix), 1 a failed run (one line), 128 + N stopped by
-signal N after saving (130: Ctrl-C, 143: SIGTERM).
+(one line on stderr: the flag and the fix), 1 a failed run (one line) or a bug (its
+traceback), 128 + N stopped by signal N after saving (130: Ctrl-C, 143: SIGTERM).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -19,76 +20,14 @@ import jax.numpy as jnp
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
-from cnn_jax import checks, evaluate
-from cnn_jax.checkpoint import newest_step
-from cnn_jax.checks import ConfigError
-from cnn_jax.data.sources import DatasetError
-from cnn_jax.data.store import StoreError
+import cnn_jax
+from cnn_jax import checks, evaluate, parallel
+from cnn_jax.checkpoint import CheckpointError, newest_step
+from cnn_jax.config import Advice, ConfigError, Notation, SettingError
 from cnn_jax.models import list_models, model_defaults, variant_fields
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
-from cnn_jax.transfer import TransferError
-from cnn_jax.workdir import WorkdirError
 
-USER_ERRORS = (ConfigError, WorkdirError, DatasetError, StoreError, TransferError)  # exit status 2
-
-
-def base_config() -> config_dict.ConfigDict:
-    """Every key a run reads; experiments override values. An experiment of many runs keeps
-    its own settings under one key of its own (`experiment`)."""
-    c = config_dict.ConfigDict()
-    c.model_name = "alexnet"  # any name of cnn_jax.list_models()
-    c.model = config_dict.ConfigDict(dict(dtype="float32"))  # the model's fields; set per experiment
-    # data
-    c.dataset = "digits"
-    c.data_dir = ""  # empty: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    c.train_split, c.eval_split = "train", "validation"
-    c.input_size, c.resize_size, c.channels = 227, 256, 3
-    c.store_format = "raw"  # prepared images: 'raw' uint8 pixels, or 'jpeg' (smaller on disk, lossy)
-    c.flip = False  # mirrored digits are other shapes; the paper flips (ImageNet: True)
-    c.pca_noise = 0.1  # the paper's colour augmentation: alpha_i ~ N(0, 0.1); 0 turns it off
-    c.workers = 0  # read-ahead threads; 0: auto (one per core)
-    c.classes = ()  # keep only these classes of the dataset, relabelled 0..k-1 in this order; (): all
-    c.train_per_class = 0  # at most this many training images of each class (0: all)
-    # transfer: start from trained weights, freeze, replace the head
-    c.init_from = ""  # a PyTorch-format weights file (.pth, .pt, .safetensors) or another run's workdir
-    c.freeze = ""  # regular expression over parameter paths (e.g. '^conv'): no update, no decay
-    c.head_only = False  # train only the model's head (its last layer), freeze the rest
-    c.new_head = False  # with init_from: a fresh head even when the class count matches (other classes)
-    c.backbone_lr_scale = 1.0  # the rate of everything but the head, as a multiple of the head's
-    # optimisation: the paper's rule and constants
-    c.optimizer = "paper_sgd"
-    c.learning_rate = 0.01
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.decay_mask = "all"
-    c.schedule = "plateau"
-    c.lr_drop_factor = 0.1
-    c.plateau_patience = 1
-    c.plateau_max_drops = 3
-    c.step_boundaries = ()
-    c.warmup_steps = 0
-    c.aux_weight = 0.3
-    c.batch_size = 32
-    c.num_epochs = 2.0
-    c.num_train_steps = 0  # > 0 overrides num_epochs
-    # evaluation, logging, checkpoints
-    c.eval_batch_size = 0  # 0: auto, the smallest multiple of the 'data' axis (and processes) >= 50
-    c.eval_every_steps = 0  # 0: once per epoch
-    c.eval_limit = 0  # 0: the whole split
-    c.eval_only = False  # evaluate the newest checkpoint (centre and ten-crop) and stop
-    c.log_every_steps = 10
-    c.checkpoint_every_steps = 25
-    c.keep_checkpoints = 2  # an AlexNet state (params + momentum) is ~0.5 GB
-    c.seed = 0
-    c.smoke = False
-    c.allow_config_change = False  # resume a workdir with settings that change what is trained
-    # devices
-    c.parallel = "jit"  # or "pmap" (data parallel only)
-    c.mesh = ()  # (data, model); empty: all devices on 'data'. Two towers: (N, 2)
-    c.coordinator_address = ""  # multi-host: HOST:PORT of process 0 (or $JAX_COORDINATOR_ADDRESS)
-    c.num_processes = 1
-    c.process_id = 0
-    return c
+FLAGS = Notation(config="--config.", argument="--", shell=True)  # config.<key> is --config.<key> here
 
 
 def describe(c) -> str:
@@ -221,12 +160,6 @@ def _flag_error(message: str) -> str:
     return line
 
 
-def _processes(config) -> tuple[int, str]:
-    """The process count and coordinator as `jax.distributed` will see them (the environment wins)."""
-    return (int(os.environ.get("JAX_NUM_PROCESSES", config.num_processes)),
-            config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
-
-
 def own_model_fields(config, written_for: str, given) -> tuple[config_dict.ConfigDict, dict]:
     """(config, the fields dropped): an experiment's model fields are written for its own model
     (`written_for`). Another `--config.model_name` keeps the ones its family shares (the
@@ -271,11 +204,8 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
     if config.smoke:
         config = smoke(config, given)
     checks.check_processes(config)
-    count, coordinator = _processes(config)
-    if count > 1 and not coordinator:
-        raise ConfigError(f"--config.coordinator_address: {count} processes need the HOST:PORT of process 0: "
-                          "set --config.coordinator_address=HOST:PORT (or $JAX_COORDINATOR_ADDRESS)")
-    if count == 1:
+    how, _, _ = parallel.launch(config.distributed, config.num_processes, config.coordinator_address)
+    if how == "single":
         config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
     default = f"runs/{name or f'{config.model_name}_{config.dataset}'}" + ("_smoke" if config.smoke else "")
     return config, workdir or default  # a smoke run never lands in (and blocks) the real run's folder
@@ -301,7 +231,9 @@ def report(config, result: dict):
 
 
 def _error(err: BaseException, status: int) -> int:
-    message = " ".join(str(err).split("\n")) or type(err).__name__
+    """One line on stderr, in flags: the library's errors name `config.<key>`; here `--config.<key>`."""
+    text = err.render(FLAGS) if isinstance(err, Advice) else str(err)
+    message = " ".join(text.split("\n")) or type(err).__name__
     print(f"error: {message}", file=sys.stderr)
     return status
 
@@ -323,8 +255,9 @@ def main(get_config, argv, describe=describe, job=None, show=report, name: str =
     `job(config, workdir) -> result` is the work (default: one `train_and_evaluate`) and
     `show(config, result)` prints it; the default workdir is runs/<name>, or
     runs/<model>_<dataset> for a single run. Callable in-process (tests): each call parses into
-    fresh flags. User errors print one line `error: ...` and return 2; a run stopped by a
-    signal returns 128 + its number.
+    fresh flags. A setting to change prints one line `error: ...` in flags and returns 2; a run
+    that cannot go on (NaN, a failed save) one line and 1; a run stopped by a signal returns
+    128 + its number. Anything else is a bug: it propagates with its traceback.
     """
     logging.use_absl_handler()
     logging.set_verbosity(logging.WARNING)  # before parsing: --verbosity overrides it
@@ -336,7 +269,7 @@ def main(get_config, argv, describe=describe, job=None, show=report, name: str =
         config, workdir = prepare(get_config, argv, name)
         print(describe(config))
         result = (job or train_and_evaluate)(config, workdir)
-    except USER_ERRORS as err:
+    except SettingError as err:  # a setting to change: config, workdir, dataset, store, weights, mesh
         return _error(err, 2)
     except NonFiniteLossError as err:  # names the newest finite checkpoint itself
         return _error(err, 1)
@@ -345,10 +278,13 @@ def main(get_config, argv, describe=describe, job=None, show=report, name: str =
     except KeyboardInterrupt:
         _resume_note(workdir, job)
         return 130
-    except (ValueError, RuntimeError) as err:  # a run that cannot go on, e.g. eval_only with no checkpoint
+    except CheckpointError as err:  # a run that cannot go on: a failed save, eval_only with no checkpoint
         status = _error(err, 1)
         _resume_note(workdir, job)
         return status
+    except Exception:  # a bug: its traceback is the report (exit status 1)
+        _resume_note(workdir, job)
+        raise
     show(config, result)
     return 0
 
@@ -375,8 +311,20 @@ def _no_orbax_thread_tracebacks(record) -> bool:
     return True
 
 
+OWN_CODE = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep for module in (cnn_jax, sys.modules[__name__]))
+
+
+def _own_or_severe(record) -> bool:
+    """The console shows this project's messages and every error; the libraries' warnings
+    (tensorflow-datasets' "Variant folder ... has no dataset_info.json", ...) go only to the
+    run's warnings.log, as they ask nothing of the user."""
+    return record.levelno >= std_logging.ERROR or os.path.abspath(record.pathname).startswith(OWN_CODE)
+
+
 def run(get_config, describe=describe, job=None, show=report, name: str = ""):
     """`python -m experiments.<name>`: `main` on the command line, its status the exit code."""
     sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     logging.get_absl_handler().addFilter(_no_orbax_thread_tracebacks)
+    logging.get_absl_handler().addFilter(_own_or_severe)
+    std_logging.captureWarnings(True)  # Python warnings (jax's, flax's) take the same way: to warnings.log
     sys.exit(main(get_config, sys.argv, describe, job, show, name))

@@ -14,11 +14,13 @@ a 2-epoch run does not reach (it took seed 3 from 14.7% to 5.3%). ImageNet:
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _run
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "alexnet"
     c.model = config_dict.ConfigDict(dict(init_scheme="he", dropout_rate=0.5, lrn=True,
                                           pool_window=3, floor=False, dtype="float32"))

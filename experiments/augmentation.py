@@ -19,14 +19,16 @@ import pathlib
 
 from ml_collections import config_dict
 
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="PCA colour noise on top of crops lowers error (AlexNet, ImageNet)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="PCA colour noise on top of crops lowers error (AlexNet, ImageNet)",
                        paper="-1 top-1 point", source="Krizhevsky et al. 2012, section 4.1")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3, pca_noise=0.1))
     return c
 
@@ -42,19 +44,19 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, variants(config), evaluate=("train", config.eval_split))
     if not results:
         return _compare.NOTHING
-    _compare.add_gap(results)
+    _analyse.add_gap(results)
     # "over 1%" against the paper's one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
-    verdict = _compare.compare_errors(results, "crops + PCA noise", "crops", (38.5, 37.5), _compare.scale_of(config))
-    crops = _compare.compare_errors(results, "crops", "neither", (1.0, 1.0), "")  # no number in the paper: ours only
+    verdict = _analyse.compare_errors(results, "crops + PCA noise", "crops", (38.5, 37.5), _compare.scale_of(config))
+    crops = _analyse.compare_errors(results, "crops", "neither", (1.0, 1.0), "")  # no number in the paper: ours only
     verdict = dataclasses.replace(verdict, why=f"{verdict.why}. Crops against neither: {crops.ours}")
-    table = _compare.error_table(results, {"ten-crop error": f"{config.eval_split}_ten_crop_top1_error",
-                                           **_compare.GAP_COLUMNS})
+    table = _report.error_table(results, {"ten-crop error": f"{config.eval_split}_ten_crop_top1_error",
+                                           **_report.GAP_COLUMNS})
     table.append(f"\nTen-crop evaluation reads the same checkpoints as the centre crop; without crops in training "
                  f"(resize_size = input_size = {config.input_size}) the ten patches differ only by mirroring.")
-    panels = _compare.panels(results, "val")
-    return _compare.write_results(root, "augmentation", config, CLAIM, verdict, results, table, panels,
+    panels = _report.panels(results, "val")
+    return _report.write_results(root, "augmentation", config, CLAIM, verdict, results, table, panels,
                                   title=f"Crops and PCA colour noise: {config.model_name} on {config.dataset}")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="augmentation")
+    _run.run(get_config, job=run_all, show=_report.show, name="augmentation")

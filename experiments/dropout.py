@@ -17,15 +17,17 @@ import pathlib
 import numpy as np
 from ml_collections import config_dict
 
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="Dropout on fc6/fc7 removes substantial overfitting and about doubles the steps to converge (AlexNet)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="Dropout on fc6/fc7 removes substantial overfitting and about doubles the steps to converge (AlexNet)",
                        paper="about 2x the steps", source="Krizhevsky et al. 2012, section 4.2")
 VARIANTS = {"dropout 0.5": {"model.dropout_rate": 0.5}, "no dropout": {"model.dropout_rate": 0.0}}
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.num_train_steps = 800
     c.experiment = config_dict.ConfigDict(dict(seeds=3, converged=0.05))
     return c
@@ -37,11 +39,11 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
     if not results:
         return _compare.NOTHING
-    gaps = _compare.add_gap(results)
+    gaps = _analyse.add_gap(results)
     for runs in results.values():
         for r in runs:
             r["steps_to_converge"] = (None if r["diverged"] else
-                                      _compare.first_below(r["train_steps"], r["train_curve"], level))
+                                      _analyse.first_below(r["train_steps"], r["train_curve"], level))
     steps = {v: [r["steps_to_converge"] for r in runs if r["steps_to_converge"]] for v, runs in results.items()}
     everyone = all(r["steps_to_converge"] for runs in results.values() for r in runs)
     ratio = np.mean(steps["dropout 0.5"]) / np.mean(steps["no dropout"]) if everyone else float("nan")
@@ -55,15 +57,15 @@ def run_all(config, workdir) -> dict:
               f"not every run reached {level:.0%} training error (as trained) within {budget} steps, or it "
               "diverged: no step ratio"))
     steps_text = f"{ratio:.1f}x the steps" if everyone else "steps: n/a"
-    verdict = _compare.Verdict(ours=f"{steps_text}; gap {gaps['no dropout']:.1f} -> {gaps['dropout 0.5']:.1f} points",
+    verdict = _analyse.Verdict(ours=f"{steps_text}; gap {gaps['no dropout']:.1f} -> {gaps['dropout 0.5']:.1f} points",
                                verdict=kind, why=why, scale=_compare.scale_of(config))
-    table = [*_compare.error_table(results, _compare.GAP_COLUMNS), "",
+    table = [*_report.error_table(results, _report.GAP_COLUMNS), "",
              f"| variant | steps to {level:.0%} training error (per seed) |", "|---|---|"]
     table += [f"| {v} | {', '.join(str(r['steps_to_converge'] or f'>{budget}') for r in runs)} |" for v, runs in results.items()]
-    panels = _compare.panels(results, "train", "val")
-    return _compare.write_results(root, "dropout", config, CLAIM, verdict, results, table, panels,
+    panels = _report.panels(results, "train", "val")
+    return _report.write_results(root, "dropout", config, CLAIM, verdict, results, table, panels,
                                   title=f"With and without dropout: {config.model_name} on {config.dataset}")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="dropout")
+    _run.run(get_config, job=run_all, show=_report.show, name="dropout")

@@ -6,11 +6,13 @@ default at 128x128 (the smallest size near 112 where the auxiliary 5x5/3 pooling
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _run
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "googlenet"
     c.model = config_dict.ConfigDict(dict(aux_heads=True, dropout_rate=0.4, dtype="float32"))
     c.input_size, c.resize_size = 128, 144

@@ -8,11 +8,13 @@ lowers it after passes 2, 5 and 8, for its second-order method).
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _run
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "lenet5"
     c.model = config_dict.ConfigDict(dict(dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1

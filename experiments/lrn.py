@@ -17,15 +17,17 @@ import pathlib
 
 from ml_collections import config_dict
 
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="LRN lowers test error (four-layer CNN, CIFAR-10)", paper="13% -> 11% (-2 points)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="LRN lowers test error (four-layer CNN, CIFAR-10)", paper="13% -> 11% (-2 points)",
                        source="Krizhevsky et al. 2012, section 3.3")
 VARIANTS = {"with LRN": {"model.lrn": True}, "without LRN": {"model.lrn": False}}
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "convnet4"
     c.model = config_dict.ConfigDict(dict(lrn=True, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1
@@ -40,12 +42,12 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, VARIANTS)
     if not results:
         return _compare.NOTHING
-    verdict = _compare.compare_errors(results, "with LRN", "without LRN", (13.0, 11.0), _compare.scale_of(config))
-    return _compare.write_results(root, "lrn", config, CLAIM, verdict, results, _compare.error_table(results),
-                                  _compare.panels(results, "val"),
+    verdict = _analyse.compare_errors(results, "with LRN", "without LRN", (13.0, 11.0), _compare.scale_of(config))
+    return _report.write_results(root, "lrn", config, CLAIM, verdict, results, _report.error_table(results),
+                                  _report.panels(results, "val"),
                                   title=f"With and without LRN: {config.model_name} on {config.dataset}",
                                   ylabel="validation top-1 error (%)")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="lrn")
+    _run.run(get_config, job=run_all, show=_report.show, name="lrn")

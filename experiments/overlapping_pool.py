@@ -17,15 +17,17 @@ import pathlib
 
 from ml_collections import config_dict
 
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="Overlapping pooling (3/2 against 2/2) lowers error and overfits less (AlexNet, ImageNet)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="Overlapping pooling (3/2 against 2/2) lowers error and overfits less (AlexNet, ImageNet)",
                        paper="-0.4 top-1 points", source="Krizhevsky et al. 2012, section 3.4")
 VARIANTS = {"overlapping 3/2": {"model.pool_window": 3}, "non-overlapping 2/2": {"model.pool_window": 2}}
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3))
     return c
 
@@ -35,22 +37,22 @@ def run_all(config, workdir) -> dict:
     results = _compare.run_variants(config, root, VARIANTS, evaluate=("train",))
     if not results:
         return _compare.NOTHING
-    gaps = _compare.add_gap(results)
+    gaps = _analyse.add_gap(results)
     # the paper's 0.4 points against its one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
-    verdict = _compare.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", (37.9, 37.5),
+    verdict = _analyse.compare_errors(results, "overlapping 3/2", "non-overlapping 2/2", (37.9, 37.5),
                                       _compare.scale_of(config))
-    over, non = (_compare.finite([r["gap"] for r in results[v]]) for v in VARIANTS)
+    over, non = (_analyse.finite([r["gap"] for r in results[v]]) for v in VARIANTS)
     apart = len(over) and len(non) and over.max() < non.min()
     verdict = dataclasses.replace(
         verdict, why=f"{verdict.why}. Train/validation gap: {gaps['overlapping 3/2']:.1f} points overlapping, "
             f"{gaps['non-overlapping 2/2']:.1f} non-overlapping "
             f"({'less' if gaps['overlapping 3/2'] < gaps['non-overlapping 2/2'] else 'not less'} overfitting on average; "
             f"the seeds' gaps {'do not overlap' if apart else 'overlap'})")
-    table = _compare.error_table(results, _compare.GAP_COLUMNS)
-    return _compare.write_results(root, "overlapping_pool", config, CLAIM, verdict, results, table,
-                                  _compare.panels(results, "val", "train"),
+    table = _report.error_table(results, _report.GAP_COLUMNS)
+    return _report.write_results(root, "overlapping_pool", config, CLAIM, verdict, results, table,
+                                  _report.panels(results, "val", "train"),
                                   title=f"Overlapping against non-overlapping pooling: {config.model_name} on {config.dataset}")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="overlapping_pool")
+    _run.run(get_config, job=run_all, show=_report.show, name="overlapping_pool")

@@ -20,16 +20,18 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax.checks import ConfigError
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="Deeper plain nets train worse, deeper residual nets better (20 against 56 layers, CIFAR-10)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="Deeper plain nets train worse, deeper residual nets better (20 against 56 layers, CIFAR-10)",
                        paper="plain-56 above plain-20, ResNet-56 below ResNet-20 (training error)",
                        source="He et al. 2015, Figure 6")
 NETS = ("plain20_cifar", "plain56_cifar", "resnet20_cifar", "resnet56_cifar")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "resnet20_cifar"
     c.model = config_dict.ConfigDict(dict(shortcut="A", floor=True, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 36, 3
@@ -56,7 +58,7 @@ def run_all(config, workdir) -> dict:
     for net in NETS:
         for r, value in zip(results[net], train[net]):
             r["final_training_error"] = value
-    mean = {net: np.nanmean(v) * 100 if len(_compare.finite(v)) else float("nan") for net, v in train.items()}
+    mean = {net: np.nanmean(v) * 100 if len(_analyse.finite(v)) else float("nan") for net, v in train.items()}
     plain_degrades = mean["plain56_cifar"] > mean["plain20_cifar"]
     residual_gains = mean["resnet56_cifar"] < mean["resnet20_cifar"]
     kind = ("reproduced" if plain_degrades and residual_gains else
@@ -65,15 +67,15 @@ def run_all(config, workdir) -> dict:
            f"{mean['plain56_cifar']:.1f}% ({'higher' if plain_degrades else 'not higher'}); ResNet-20 "
            f"{mean['resnet20_cifar']:.1f}%, ResNet-56 {mean['resnet56_cifar']:.1f}% "
            f"({'lower' if residual_gains else 'not lower'})")
-    verdict = _compare.Verdict(
+    verdict = _analyse.Verdict(
         ours=f"plain {mean['plain20_cifar']:.1f}% -> {mean['plain56_cifar']:.1f}%, residual "
              f"{mean['resnet20_cifar']:.1f}% -> {mean['resnet56_cifar']:.1f}% (20 -> 56 layers)",
         verdict=kind, why=why, scale=_compare.scale_of(config))
-    table = _compare.error_table(results, {f"training error (last {tail} logs)": "final_training_error"})
-    panels = _compare.panels({n: results[n] for n in NETS}, "train", "val")
-    return _compare.write_results(root, "plain_vs_residual", config, CLAIM, verdict, results, table, panels,
+    table = _report.error_table(results, {f"training error (last {tail} logs)": "final_training_error"})
+    panels = _report.panels({n: results[n] for n in NETS}, "train", "val")
+    return _report.write_results(root, "plain_vs_residual", config, CLAIM, verdict, results, table, panels,
                                   title=f"Plain against residual networks of 20 and 56 layers, on {config.dataset}")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="plain_vs_residual")
+    _run.run(get_config, job=run_all, show=_report.show, name="plain_vs_residual")

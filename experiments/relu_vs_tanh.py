@@ -18,15 +18,17 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax.checks import ConfigError
-from experiments import _compare, _run
+from cnn_jax.config import defaults
 
-CLAIM = _compare.Claim(claim="ReLU reaches 25% training error faster than tanh (four-layer CNN, CIFAR-10)",
+from experiments import _analyse, _compare, _report, _run
+
+CLAIM = _analyse.Claim(claim="ReLU reaches 25% training error faster than tanh (four-layer CNN, CIFAR-10)",
                        paper="tanh needs 6x the steps", source="Krizhevsky et al. 2012, Figure 1")
 ACTIVATIONS = ("relu", "tanh")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "convnet4"
     c.model = config_dict.ConfigDict(dict(activation="relu", lrn=False, dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1
@@ -43,7 +45,7 @@ def variants(config) -> dict:
 
 def steps_to(runs, threshold) -> list:
     """Per seed: the first logged step at or below `threshold` training error (None: never, or diverged)."""
-    return [None if r["diverged"] else _compare.first_below(r["train_steps"], r["train_curve"], threshold)
+    return [None if r["diverged"] else _analyse.first_below(r["train_steps"], r["train_curve"], threshold)
             for r in runs]
 
 
@@ -67,8 +69,8 @@ def run_all(config, workdir) -> dict:
              "final validation error |", "|---|---|---:|---:|"]
     for variant, runs in results.items():
         mark = " (fastest)" if variant in best.values() else ""
-        finals = [_compare.pm([float("nan") if r["diverged"] else r["train_curve"][-1] for r in runs]),
-                  _compare.pm([r["top1_error"] for r in runs])]
+        finals = [_analyse.pm([float("nan") if r["diverged"] else r["train_curve"][-1] for r in runs]),
+                  _analyse.pm([r["top1_error"] for r in runs])]
         per_seed = ["diverged" if r["diverged"] else str(s) if s else f">{budget}"
                     for r, s in zip(runs, steps_to(runs, e.threshold))]
         table.append(f"| {variant}{mark} | {', '.join(per_seed)}"
@@ -82,14 +84,14 @@ def run_all(config, workdir) -> dict:
         why = (f"tanh needs {ratio:.1f}x the steps of ReLU to reach {e.threshold:.0%} training error "
                f"(means {np.mean(steps['tanh']):.0f} and {np.mean(steps['relu']):.0f} steps, resolution "
                f"{config.log_every_steps} steps)")
-    verdict = _compare.Verdict(
+    verdict = _analyse.Verdict(
         ours=f"tanh needs {ratio:.1f}x the steps" if reached else "n/a", verdict=kind, why=why,
         scale=f"{_compare.scale_of(config)}, learning rate per activation from {list(e.learning_rates)}")
-    panels = _compare.panels({best[a]: results[best[a]] for a in ACTIVATIONS}, "train")
-    return _compare.write_results(root, "relu_vs_tanh", config, CLAIM, verdict, results, table, panels,
+    panels = _report.panels({best[a]: results[best[a]] for a in ACTIVATIONS}, "train")
+    return _report.write_results(root, "relu_vs_tanh", config, CLAIM, verdict, results, table, panels,
                                   title=f"ReLU against tanh: {config.model_name} on {config.dataset}",
                                   ylabel="training top-1 error (%)")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="relu_vs_tanh")
+    _run.run(get_config, job=run_all, show=_report.show, name="relu_vs_tanh")

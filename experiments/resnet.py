@@ -9,11 +9,13 @@ model settings are for resnet20_cifar only).
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _run
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "resnet20_cifar"
     c.model = config_dict.ConfigDict(dict(shortcut="A", floor=True, dtype="float32"))
     c.input_size, c.resize_size = 32, 36

@@ -30,8 +30,9 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnn_jax import viz
-from cnn_jax.train import train_and_evaluate
-from experiments import _compare, _run
+from cnn_jax.config import defaults
+
+from experiments import _analyse, _compare, _report, _run
 
 VARIANTS = {  # name: (target images, start from the pretrained net, config changes)
     "small, head only": ("small", True, dict(head_only=True)),
@@ -44,7 +45,7 @@ VARIANTS = {  # name: (target images, start from the pretrained net, config chan
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "lenet5_modern"
     c.model = config_dict.ConfigDict(dict(dtype="float32"))
     c.input_size, c.resize_size, c.channels = 32, 32, 1
@@ -57,50 +58,32 @@ def get_config() -> config_dict.ConfigDict:
     return c
 
 
-def _runs(config) -> list[tuple[str, int, dict]]:
-    """(variant, seed, the run's config values), the pretraining first."""
+def _variants(config, pretrained: pathlib.Path) -> dict[str, dict]:
+    """{variant: its config changes}: the target runs, starting from `pretrained` or not."""
     e = config.experiment
-    steps = 3 if config.smoke else e.target_steps
-    runs = [("pretrain", 0, dict(classes=tuple(e.source_classes), num_train_steps=3 if config.smoke else e.pretrain_steps))]
     devices = jax.device_count()  # a batch splits evenly over the devices
     small = max(devices, min(config.batch_size, e.small_per_class * len(e.target_classes)) // devices * devices)
-    for seed in range(1 if config.smoke else e.seeds):
-        for name, (size, pretrained, changes) in VARIANTS.items():
-            runs.append((name, seed, dict(classes=tuple(e.target_classes), num_train_steps=steps, seed=seed,
-                                          train_per_class=e.small_per_class if size == "small" else 0,
-                                          batch_size=small if size == "small" else config.batch_size,
-                                          **changes)))
-    return runs
-
-
-def _folder(variant: str, seed: int) -> str:
-    return variant.replace(", ", "_").replace(" ", "_").replace("-", "") + ("" if variant == "pretrain" else f"_seed{seed}")
+    variants = {}
+    for name, (size, from_pretrained, changes) in VARIANTS.items():
+        variants[name] = dict(classes=tuple(e.target_classes), num_train_steps=3 if config.smoke else e.target_steps,
+                              train_per_class=e.small_per_class if size == "small" else 0,
+                              batch_size=small if size == "small" else config.batch_size,
+                              init_from=str(pretrained) if from_pretrained else "",
+                              new_head=from_pretrained,  # digits 5-9 are other classes than 0-4
+                              **changes)
+    return variants
 
 
 def run_all(config, workdir) -> dict:
-    """Every run of `_runs`, then the summary files."""
-    root = pathlib.Path(workdir)
-    pretrained = root / "pretrain"
-    results = {}
-    for variant, seed, values in _runs(config):
-        size, from_pretrained, _ = VARIANTS.get(variant, ("", False, {}))
-        run_config = config_dict.ConfigDict(config.to_dict())
-        with run_config.unlocked():
-            for key, value in values.items():
-                setattr(run_config, key, value)
-            run_config.init_from = str(pretrained) if from_pretrained else ""
-            run_config.new_head = from_pretrained  # digits 5-9 are other classes than 0-4
-            run_config.checkpoint_every_steps = run_config.num_train_steps
-        print(f"\n== {variant} (seed {seed}) ==", flush=True)
-        folder = root / _folder(variant, seed)
-        final = train_and_evaluate(run_config, folder)
-        if jax.process_index() != 0:  # process 0 writes the metrics and the summary
-            continue
-        steps, errors = _compare.logged(folder, "eval/top1_error")
-        results.setdefault(variant, []).append({"seed": seed, "final_top1_error": final["top1_error"],
-                                                "steps": steps, "top1_error": errors})
+    """The pretraining, then every target variant at every seed (`_compare.run_variants`), then
+    the summary files."""
+    root, e = pathlib.Path(workdir), config.experiment
+    once = _compare.with_values(config, {"experiment.seeds": 1})
+    pretrain = dict(classes=tuple(e.source_classes), num_train_steps=3 if config.smoke else e.pretrain_steps)
+    results = _compare.run_variants(once, root, {"pretrain": pretrain})
+    results.update(_compare.run_variants(config, root, _variants(config, root / "pretrain_seed0")))
     if jax.process_index() != 0:
-        return {"note": "", "table": [], "files": []}
+        return _compare.NOTHING
     return summarise(results, config, root)
 
 
@@ -112,17 +95,17 @@ def summarise(results: dict, config, root: pathlib.Path) -> dict:
     panels = {"small target (%d images a class)" % e.small_per_class: {}, "full target (every image)": {}}
     summary = {}
     for variant, runs in results.items():
-        finals = [r["final_top1_error"] for r in runs]
-        curves = np.array([r["top1_error"] for r in runs]) * 100
-        summary[variant] = {"final_top1_error_mean": float(np.mean(finals)), "min": float(np.min(finals)),
-                            "max": float(np.max(finals)), "runs": runs}
+        finals = _analyse.finite([r["top1_error"] for r in runs])  # diverged seeds are named, not averaged
+        mean = float(np.mean(finals)) if len(finals) else float("nan")
+        summary[variant] = {"final_top1_error_mean": mean, "min": float(np.min(finals, initial=np.nan)),
+                            "max": float(np.max(finals, initial=np.nan)), "runs": runs}
         if variant == "pretrain":
             continue
         size, start = variant.split(", ", 1)
         panel = next(p for p in panels if p.startswith(size))
-        panels[panel][start] = (runs[0]["steps"], curves.mean(0), curves.min(0), curves.max(0))
+        panels[panel][start] = band = _analyse.band(runs, "val")
         table.append(f"| {size} | {'digits 0-4 net' if start != 'from scratch' else 'random'} | {start} | "
-                     f"{curves.mean(0)[0]:.1f}% | {np.mean(finals):.1%} ({np.min(finals):.1%}-{np.max(finals):.1%}) |")
+                     f"{band[1][0]:.1f}% | {_analyse.pm([r['top1_error'] for r in runs])} |")
     pre = summary["pretrain"]["final_top1_error_mean"]
     note = (f"Pretraining on digits {list(e.source_classes)}: validation top-1 error {pre:.1%}. Target: digits "
             f"{list(e.target_classes)}, {len(results[next(iter(VARIANTS))])} seed(s), {config.model_name}. "
@@ -138,7 +121,8 @@ def verdict(summary: dict, size: str) -> str:
     scratch = summary[f"{size}, from scratch"]
     best = min((v for v in summary if v.startswith(size) and "scratch" not in v),
                key=lambda v: summary[v]["final_top1_error_mean"])
-    first = lambda v: np.mean([r["top1_error"][0] for r in summary[v]["runs"]])  # noqa: E731
+    first = lambda v: np.nanmean([r["val_curve"][0] if r["val_curve"] else np.nan  # noqa: E731
+                                  for r in summary[v]["runs"]])
     final = summary[best]["final_top1_error_mean"], scratch["final_top1_error_mean"]
     return (f"{size.capitalize()} target: the best transfer ({best.split(', ')[1]}) ends at {final[0]:.1%} against "
             f"{final[1]:.1%} from scratch ({'ahead' if final[0] < final[1] else 'not ahead'}); at the first "
@@ -146,4 +130,4 @@ def verdict(summary: dict, size: str) -> str:
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="transfer")
+    _run.run(get_config, job=run_all, show=_report.show, name="transfer")

@@ -27,14 +27,16 @@ import jax  # noqa: E402
 from ml_collections import config_dict  # noqa: E402
 
 from cnn_jax.checks import ConfigError  # noqa: E402
-from experiments import _compare, _run  # noqa: E402
+from cnn_jax.config import defaults  # noqa: E402
 
-CLAIM = _compare.Claim(claim="Two towers beat one tower with half the kernels in each convolutional layer (AlexNet)",
+from experiments import _analyse, _compare, _report, _run  # noqa: E402
+
+CLAIM = _analyse.Claim(claim="Two towers beat one tower with half the kernels in each convolutional layer (AlexNet)",
                        paper="-1.7 top-1 points", source="Krizhevsky et al. 2012, section 3.2")
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _compare.small_alexnet(_run.base_config())
+    c = _compare.small_alexnet(defaults())
     c.experiment = config_dict.ConfigDict(dict(seeds=3))
     return c
 
@@ -55,11 +57,11 @@ def run_all(config, workdir) -> dict:
     if not results:
         return _compare.NOTHING
     # 1.7 points against the paper's one-network ILSVRC-2010 top-1 error, 37.5% (Table 1)
-    verdict = _compare.compare_errors(results, "two towers", "one tower, half the kernels", (39.2, 37.5),
+    verdict = _analyse.compare_errors(results, "two towers", "one tower, half the kernels", (39.2, 37.5),
                                       f"{_compare.scale_of(config)}, {jax.device_count()} devices")
-    return _compare.write_results(root, "two_towers", config, CLAIM, verdict, results, _compare.error_table(results),
-                                  _compare.panels(results, "val"), title=f"Two towers against one with half the kernels, on {config.dataset}")
+    return _report.write_results(root, "two_towers", config, CLAIM, verdict, results, _report.error_table(results),
+                                  _report.panels(results, "val"), title=f"Two towers against one with half the kernels, on {config.dataset}")
 
 
 if __name__ == "__main__":
-    _run.run(get_config, job=run_all, show=_compare.show, name="two_towers")
+    _run.run(get_config, job=run_all, show=_report.show, name="two_towers")

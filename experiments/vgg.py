@@ -8,11 +8,13 @@ accuracy stops improving as in the paper: 2 epochs reach no plateau.
 
 from ml_collections import config_dict
 
+from cnn_jax.config import defaults
+
 from experiments import _run
 
 
 def get_config() -> config_dict.ConfigDict:
-    c = _run.base_config()
+    c = defaults()
     c.model_name = "vgg11_bn"
     c.model = config_dict.ConfigDict(dict(dropout_rate=0.5, floor=False, dtype="float32"))
     c.input_size, c.resize_size = 64, 72

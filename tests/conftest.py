@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("CNN_JAX_COMPILATION_CACHE", "")  # runs under test compile afresh (no ~/.cache writes)
 
 import pytest  # noqa: E402
 

@@ -38,6 +38,35 @@ def test_train_augmentation_equals_the_numpy_reference():
     chex.assert_trees_all_close(p.train(jnp.asarray(IMAGES), jax.random.key(3)), device, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["channel", "imagenet"])
+def test_per_channel_normalisation_and_its_colour_noise_in_pixel_units(normalize):
+    """(x/255 - centre) / spread per channel; the PCA shift, drawn in 0..1 pixel units, is divided
+    by the same spread, so it moves the pixels as it does under the paper's normalisation."""
+    std = np.array([0.2, 0.25, 0.3])
+    p = prep(normalize=normalize, channel_std=std)
+    centre, spread = ((MEAN.mean((0, 1)) / 255.0, std) if normalize == "channel" else
+                      (np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)))
+    draws = p.draw(jax.random.key(3), len(IMAGES))
+    expected = []
+    for i, image in enumerate(IMAGES):
+        x = transforms.crop(image.astype(np.float64) / 255.0, int(draws.top[i]), int(draws.left[i]), 32,
+                            bool(draws.mirror[i]))
+        expected.append((x + VECTORS @ (np.asarray(draws.alpha[i]) * VALUES) - centre) / spread)
+    np.testing.assert_allclose(p.apply_draws(jnp.asarray(IMAGES), draws), np.stack(expected), atol=1e-5)
+
+
+def test_normalisation_errors_name_the_setting():
+    from cnn_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.normalize=channels: unknown input normalisation; did you mean "
+                                          r"channel\?"):
+        prep(normalize="channels")
+    with pytest.raises(ConfigError, match=r"config.normalize=imagenet: ImageNet's statistics are for RGB images, "
+                                          r"not config.channels=1"):
+        augment.make_preprocessor(MEAN[..., :1], VALUES, VECTORS, input_size=32, flip=False, pca_noise=0.0,
+                                  normalize="imagenet")
+
+
 def test_draws_cover_every_origin_and_follow_the_key():
     p = prep(pca_noise=0.0, flip=False)
     draws = p.draw(jax.random.key(0), 4000)

@@ -5,6 +5,8 @@ import signal
 
 import pytest
 
+from cnn_jax.checkpoint import CheckpointError
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.train import NonFiniteLossError, RunStopped
 from experiments import _run, alexnet
@@ -28,7 +30,7 @@ CASES = [  # (arguments, what the one line must contain)
     (["--config.parallel=xmap"], "--config.parallel=xmap"),
     (["--config.parallel=pmap", "--config.mesh=(4, 2)"], "--config.mesh=(4, 2)"),
     (["--config.mesh=abc"], "--config.mesh=abc: must be () or a (data, model) pair"),
-    (["--config.mesh=(3, 2)"], "--config.mesh: mesh (3, 2) needs 6 devices but 8 are available"),
+    (["--config.mesh=(3, 2)"], "--config.mesh=(3, 2): needs 6 devices but 8 are available: use --config.mesh='(8, 1)'"),
     (["--config.mesh=(1,)"], "--config.mesh=(1,)"),
     (["--config.model_name=alexnet_2tower"], "--config.mesh='(4, 2)'"),
     (["--config.learning_rate=nan"], "--config.learning_rate=nan: must be a finite number > 0"),
@@ -74,15 +76,11 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, needle):
     assert not (tmp_path / "data").exists() and not workdir.exists()  # nothing read, nothing written
 
 
-def test_at_least_25_cases():
-    assert len(CASES) >= 25
-
-
 def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
     target = tmp_path / "results.csv"
     target.write_text("a,b\n1,2\n")
     status, _, err = run_main(["--config.smoke=True", f"--workdir={target}"], tmp_path, capsys)
-    assert status == 2 and err == f"error: --workdir={target} is a file, not a folder: choose another --workdir\n"
+    assert status == 2 and err == f"error: --workdir={target}: is a file, not a folder: choose another --workdir\n"
     assert target.read_text() == "a,b\n1,2\n" and not (tmp_path / "data").exists()
 
 
@@ -103,9 +101,11 @@ def test_a_valid_command_line_is_checked_with_auto_eval_batch_and_smoke_keeps_gi
     (KeyboardInterrupt(), 130, "{resume}"),
     (NonFiniteLossError("loss is nan at step 3"), 1, "error: loss is nan at step 3\n"),
     (DatasetError("unknown dataset 'x': use digits"), 2, "error: unknown dataset 'x': use digits\n"),
-    (RuntimeError("--config.eval_only: no checkpoint\nin runs/x"), 1,
-     "error: --config.eval_only: no checkpoint in runs/x\n{resume}"),
-], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "runtime"])
+    (CheckpointError("no checkpoint\nin runs/x: give {0}", Set("init_from"), key="eval_only"), 1,
+     "error: --config.eval_only: no checkpoint in runs/x: give --config.init_from\n{resume}"),
+    (ConfigError("use {0}", Set("mesh", (2, 1)), key="mesh", value=(3, 1)), 2,
+     "error: --config.mesh=(3, 1): use --config.mesh='(2, 1)'\n"),
+], ids=["sigterm", "sigint", "keyboard", "nonfinite", "dataset", "checkpoint", "config"])
 @pytest.mark.parametrize("saved", [None, 50])
 def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, line, saved):
     """Every way out says where the same command goes on from: the stop's own save, the
@@ -123,6 +123,16 @@ def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, l
     resume = (f"the same command resumes from {workdir}/checkpoints/{saved} (step {saved})\n" if saved
               else f"no checkpoint in {workdir} yet: the same command starts over\n")
     assert (got, err) == (status, line.format(resume=resume))
+
+
+def test_a_bug_keeps_its_traceback_and_says_where_to_resume(tmp_path, capsys, monkeypatch):
+    def train(config, workdir):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(_run, "train_and_evaluate", train)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        _run.main(alexnet.get_config, ["alexnet", f"--workdir={tmp_path}"])
+    assert "the same command starts over" in capsys.readouterr().err
 
 
 def test_help_lists_the_flags(tmp_path, capsys):
@@ -199,7 +209,7 @@ def _library_cases():
         ("unknown field", lambda: get_model("alexnet", num_clases=3), ValueError, "no field(s) ['num_clases']"),
         ("make_preprocessor", lambda: augment.make_preprocessor(np.zeros((32, 32, 3)), np.zeros(3), np.eye(3),
                                                                 input_size=67, flip=True, pca_noise=0.0),
-         ValueError, "raise --config.resize_size"),
+         ValueError, "raise config.resize_size"),
     ]
 
 
@@ -242,3 +252,29 @@ def test_tiny_and_empty_datasets_are_one_line_and_keep_the_workdir(tmp_path, cap
                                  "--config.smoke=True", f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err + out and (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_library_warnings_go_to_the_run_log_and_stay_off_the_console(tmp_path):
+    import logging
+
+    from cnn_jax.writers import warnings_log
+
+    def record(path, level=logging.WARNING):
+        return logging.LogRecord("absl", level, path, 1, "Variant folder x has no dataset_info.json", None, None)
+
+    import os
+
+    import cnn_jax
+
+    # a checkout named cnn_jax with its .venv inside: the library is still the library
+    library = record("/home/me/cnn_jax/.venv/lib/site-packages/tensorflow_datasets/core/utils/file_utils.py")
+    assert not _run._own_or_severe(library)  # off the console
+    assert _run._own_or_severe(record(os.path.join(os.path.dirname(cnn_jax.__file__), "train.py")))
+    assert _run._own_or_severe(record("/venv/site-packages/orbax/checkpoint/x.py", logging.ERROR))
+    with warnings_log(tmp_path) as path:
+        logging.getLogger("absl").warning("Variant folder x has no dataset_info.json")
+        logging.getLogger("absl").info("not kept")
+    logging.getLogger("absl").warning("after the run")
+    text = (tmp_path / "warnings.log").read_text()
+    assert path.endswith("warnings.log") and "dataset_info.json" in text and "not kept" not in text
+    assert "after the run" not in text

@@ -8,7 +8,7 @@ import pytest
 from benchmarks import train_step
 
 
-def test_train_step_benchmark_writes_what_it_prints(tmp_path, capsys):
+def test_train_step_benchmark_writes_what_it_prints(tmp_path, capfd):
     out = tmp_path / "step.json"
     assert train_step.main(["--models", "lenet5", "--repeats", "2", "--seconds", "0.05", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -23,8 +23,9 @@ def test_train_step_benchmark_writes_what_it_prints(tmp_path, capsys):
     assert result["peak_bytes"] > 0 and result["first_step_s"] > 0
     if "pytorch" in result:  # the [bench] extra
         assert result["ratio"] == pytest.approx(result["cnn_jax"]["median"] / result["pytorch"]["median"])
-    printed = capsys.readouterr().out
-    assert f"{result['cnn_jax']['median']:,.1f}" in printed and "lenet5" in printed
+    printed = capfd.readouterr()  # fd level: the case may run in a child process
+    assert f"{result['cnn_jax']['median']:,.1f}" in printed.out and "lenet5" in printed.out
+    assert "lenet5: compiling" in printed.err and "lenet5: timing round 2 of 2" in printed.err  # progress
 
 
 def test_train_step_benchmark_refuses_unknown_models():

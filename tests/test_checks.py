@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cnn_jax import checks, optim
+from cnn_jax import checks, optim, parallel
 from cnn_jax.checks import ConfigError, check_config
 from experiments import alexnet, googlenet, lenet, resnet, vgg
 
@@ -60,52 +60,55 @@ def test_auto_eval_batch_is_the_smallest_valid_size_near_50(devices, processes, 
 
 def test_auto_eval_batch_and_multiple_hint():
     assert checks.auto_eval_batch(8) == 56 and checks.auto_eval_batch(7, limit=3) == 7
-    assert checks.multiple_hint(50, 8) == "48 or 56" and checks.multiple_hint(3, 8) == "8"
+    with pytest.raises(parallel.MeshError, match=r"use config.batch_size=48 or config.batch_size=56$"):
+        parallel.check_batch(50, 8)
+    with pytest.raises(parallel.MeshError, match=r"use config.batch_size=8$"):
+        parallel.check_batch(3, 8)
 
 
 @pytest.mark.parametrize("overrides,needles", [
-    (dict(batch_size=0), ["--config.batch_size=0: must be a positive integer"]),
-    (dict(batch_size=-3), ["--config.batch_size=-3: must be a positive integer"]),
-    (dict(batch_size=12), ["--config.batch_size=12: must be a multiple of 8", "use 8 or 16"]),
-    (dict(eval_batch_size=50), ["--config.eval_batch_size=50: must be a multiple of 8", "48 or 56", "0 for auto"]),
-    (dict(eval_batch_size=-1), ["--config.eval_batch_size=-1", "0: auto"]),
-    (dict(num_epochs=-1.0), ["--config.num_epochs=-1.0"]),
-    (dict(num_epochs=0.0), ["--config.num_epochs=0.0: must be > 0", "--config.num_train_steps"]),
-    (dict(num_epochs=math.inf), ["--config.num_epochs=inf"]),
-    (dict(num_train_steps=-5), ["--config.num_train_steps=-5"]),
-    (dict(learning_rate=math.nan), ["--config.learning_rate=nan: must be a finite number > 0"]),
-    (dict(learning_rate=math.inf), ["--config.learning_rate=inf"]),
-    (dict(learning_rate=-1.0), ["--config.learning_rate=-1.0"]),
-    (dict(momentum=1.5), ["--config.momentum=1.5: must be a finite number in [0, 1)"]),
-    (dict(momentum=1.0), ["--config.momentum=1.0"]),
-    (dict(weight_decay=-1e-4), ["--config.weight_decay=-0.0001"]),
-    (dict(lr_drop_factor=0.0), ["--config.lr_drop_factor=0.0", "(0, 1]"]),
-    (dict(plateau_patience=0), ["--config.plateau_patience=0"]),
-    (dict(warmup_steps=-1), ["--config.warmup_steps=-1"]),
-    (dict(aux_weight=-0.3), ["--config.aux_weight=-0.3"]),
-    (dict(optimizer="adamm"), ["--config.optimizer=adamm: unknown optimizer", "paper_sgd"]),
-    (dict(schedule="linear"), ["--config.schedule=linear: unknown schedule", "cosine"]),
+    (dict(batch_size=0), ["config.batch_size=0: must be a positive integer"]),
+    (dict(batch_size=-3), ["config.batch_size=-3: must be a positive integer"]),
+    (dict(batch_size=12), ["config.batch_size=12: must be a multiple of 8", "use config.batch_size=8 or config.batch_size=16"]),
+    (dict(eval_batch_size=50), ["config.eval_batch_size=50: must be a multiple of 8", "config.eval_batch_size=48 or config.eval_batch_size=56", "0 for auto"]),
+    (dict(eval_batch_size=-1), ["config.eval_batch_size=-1", "0: auto"]),
+    (dict(num_epochs=-1.0), ["config.num_epochs=-1.0"]),
+    (dict(num_epochs=0.0), ["config.num_epochs=0.0: must be > 0", "config.num_train_steps"]),
+    (dict(num_epochs=math.inf), ["config.num_epochs=inf"]),
+    (dict(num_train_steps=-5), ["config.num_train_steps=-5"]),
+    (dict(learning_rate=math.nan), ["config.learning_rate=nan: must be a finite number > 0"]),
+    (dict(learning_rate=math.inf), ["config.learning_rate=inf"]),
+    (dict(learning_rate=-1.0), ["config.learning_rate=-1.0"]),
+    (dict(momentum=1.5), ["config.momentum=1.5: must be a finite number in [0, 1)"]),
+    (dict(momentum=1.0), ["config.momentum=1.0"]),
+    (dict(weight_decay=-1e-4), ["config.weight_decay=-0.0001"]),
+    (dict(lr_drop_factor=0.0), ["config.lr_drop_factor=0.0", "(0, 1]"]),
+    (dict(plateau_patience=0), ["config.plateau_patience=0"]),
+    (dict(warmup_steps=-1), ["config.warmup_steps=-1"]),
+    (dict(aux_weight=-0.3), ["config.aux_weight=-0.3"]),
+    (dict(optimizer="adamm"), ["config.optimizer=adamm: unknown optimizer", "paper_sgd"]),
+    (dict(schedule="linear"), ["config.schedule=linear: unknown schedule", "cosine"]),
     (dict(schedule="cosin"), ["did you mean cosine?"]),
-    (dict(decay_mask="kernel"), ["--config.decay_mask=kernel", "did you mean kernels?"]),
-    (dict(step_boundaries=(20, 10)), ["--config.step_boundaries=(20, 10): must be increasing"]),
-    (dict(schedule="cosine", num_train_steps=100, warmup_steps=100), ["--config.warmup_steps=100",
-                                                                     "--config.num_train_steps=100"]),
-    (dict(log_every_steps=0), ["--config.log_every_steps=0: must be a positive integer"]),
-    (dict(checkpoint_every_steps=0), ["--config.checkpoint_every_steps=0"]),
-    (dict(keep_checkpoints=0), ["--config.keep_checkpoints=0: must be an integer >= 1"]),
-    (dict(eval_every_steps=-1), ["--config.eval_every_steps=-1", "0: once per epoch"]),
-    (dict(eval_limit=-1), ["--config.eval_limit=-1"]),
-    (dict(workers=-1), ["--config.workers=-1", "0: auto"]),
-    (dict(seed=-1), ["--config.seed=-1"]),
-    (dict(input_size=0), ["--config.input_size=0: must be a positive integer"]),
-    (dict(resize_size=200), ["--config.resize_size=200: must be >= --config.input_size=227"]),
-    (dict(channels=2), ["--config.channels=2", "1, 3"]),
-    (dict(store_format="png"), ["--config.store_format=png", "raw, jpeg"]),
-    (dict(pca_noise=-0.1), ["--config.pca_noise=-0.1"]),
-    (dict(dataset=""), ["--config.dataset=: must be a non-empty name"]),
-    (dict(num_processes=0), ["--config.num_processes=0"]),
-    (dict(process_id=1), ["--config.process_id=1: must be in 0..0"]),
-    (dict(parallel="xmap"), ["--config.parallel=xmap: unknown parallel mode", "did you mean pmap?"]),
+    (dict(decay_mask="kernel"), ["config.decay_mask=kernel", "did you mean kernels?"]),
+    (dict(step_boundaries=(20, 10)), ["config.step_boundaries=(20, 10): must be increasing"]),
+    (dict(schedule="cosine", num_train_steps=100, warmup_steps=100), ["config.warmup_steps=100",
+                                                                     "config.num_train_steps=100"]),
+    (dict(log_every_steps=0), ["config.log_every_steps=0: must be a positive integer"]),
+    (dict(checkpoint_every_steps=0), ["config.checkpoint_every_steps=0"]),
+    (dict(keep_checkpoints=0), ["config.keep_checkpoints=0: must be an integer >= 1"]),
+    (dict(eval_every_steps=-1), ["config.eval_every_steps=-1", "0: once per epoch"]),
+    (dict(eval_limit=-1), ["config.eval_limit=-1"]),
+    (dict(workers=-1), ["config.workers=-1", "0: auto"]),
+    (dict(seed=-1), ["config.seed=-1"]),
+    (dict(input_size=0), ["config.input_size=0: must be a positive integer"]),
+    (dict(resize_size=200), ["config.resize_size=200: must be >= config.input_size=227"]),
+    (dict(channels=2), ["config.channels=2", "1, 3"]),
+    (dict(store_format="png"), ["config.store_format=png", "raw, jpeg"]),
+    (dict(pca_noise=-0.1), ["config.pca_noise=-0.1"]),
+    (dict(dataset=""), ["config.dataset=: must be a non-empty name"]),
+    (dict(num_processes=0), ["config.num_processes=0"]),
+    (dict(process_id=1), ["config.process_id=1: must be in 0..0"]),
+    (dict(parallel="xmap"), ["config.parallel=xmap: unknown parallel mode", "did you mean pmap?"]),
 ])
 def test_each_check_names_its_flag(overrides, needles):
     text = message(**overrides)
@@ -115,13 +118,13 @@ def test_each_check_names_its_flag(overrides, needles):
 
 def test_model_name_unknown_suggests_the_closest():
     text = message(model_name="alexnett")
-    assert text.startswith("--config.model_name=alexnett: unknown model; did you mean alexnet?")
+    assert text.startswith("config.model_name=alexnett: unknown model; did you mean alexnet?")
 
 
-def test_model_fields_of_another_family_name_the_field_and_the_experiment():
+def test_model_fields_of_another_family_name_the_field_and_the_fields_there_are():
     text = message(model_name="resnet20_cifar")
-    assert text.startswith("--config.model.dropout_rate: model 'resnet20_cifar' has no field 'dropout_rate'")
-    assert "python -m experiments.resnet --config.model_name=resnet20_cifar" in text
+    assert text.startswith("config.model.dropout_rate: model 'resnet20_cifar' has no field 'dropout_rate'")
+    assert "its fields are block, cifar, dtype" in text and text.endswith("remove it")
     assert check(get_config=resnet.get_config, model_name="resnet56_cifar").model_name == "resnet56_cifar"
 
 
@@ -129,7 +132,7 @@ def test_num_classes_comes_from_the_dataset():
     config = configured()
     with config.model.unlocked():
         config.model.num_classes = 5
-    with pytest.raises(ConfigError, match=r"^--config.model.num_classes: the class count comes from the dataset"):
+    with pytest.raises(ConfigError, match=r"^config.model.num_classes: the class count comes from the dataset"):
         check_config(config, device_count=8, process_count=1)
 
 
@@ -138,22 +141,22 @@ def test_dtypes_must_be_floating_dtype_names(key):
     config = configured()
     with config.model.unlocked():
         config.model[key] = "float33"
-    with pytest.raises(ConfigError, match=rf"^--config.model.{key}=float33: not a floating dtype; did you mean float32"):
+    with pytest.raises(ConfigError, match=rf"^config.model.{key}=float33: not a floating dtype; did you mean float32"):
         check_config(config, device_count=8, process_count=1)
     config.model[key] = "int32"
-    with pytest.raises(ConfigError, match=rf"--config.model.{key}=int32"):
+    with pytest.raises(ConfigError, match=rf"config.model.{key}=int32"):
         check_config(config, device_count=8, process_count=1)
     config.model[key] = "bfloat16"
     assert check_config(config, device_count=8, process_count=1).model[key] == "bfloat16"
 
 
 @pytest.mark.parametrize("mesh,devices,needles", [
-    (("abc",), 8, ["--config.mesh=abc: must be () or a (data, model) pair", "--config.mesh='(8, 1)'"]),
-    ((1,), 8, ["--config.mesh=(1,): must be ()"]),
-    ((0, 8), 8, ["--config.mesh=(0, 8)"]),
-    ((3, 2), 8, ["--config.mesh: mesh (3, 2) needs 6 devices but 8 are available", "--config.mesh='(8, 1)'"]),
+    (("abc",), 8, ["config.mesh=abc: must be () or a (data, model) pair", "config.mesh=(8, 1)"]),
+    ((1,), 8, ["config.mesh=(1,): must be ()"]),
+    ((0, 8), 8, ["config.mesh=(0, 8)"]),
+    ((3, 2), 8, ["config.mesh=(3, 2): needs 6 devices but 8 are available", "config.mesh=(8, 1)"]),
     ((2, 2), 8, ["needs 4 devices but 8"]),
-    ((4, 2), 8, ["--config.mesh=(4, 2): model 'alexnet' needs a 'model' axis of 1", "(8, 1)"]),
+    ((4, 2), 8, ["config.mesh=(4, 2): model 'alexnet' needs a 'model' axis of 1", "(8, 1)"]),
 ])
 def test_mesh(mesh, devices, needles):
     text = message(devices, mesh=mesh)
@@ -167,18 +170,18 @@ def test_mesh_that_fits_sets_the_data_axis():
 
 
 def test_two_towers_need_a_model_axis_of_two():
-    assert "--config.mesh='(4, 2)'" in message(8, model_name="alexnet_2tower")
-    assert "--config.mesh='(4, 2)'" in message(8, model_name="alexnet_2tower", mesh=(8, 1))
+    assert "config.mesh=(4, 2)" in message(8, model_name="alexnet_2tower")
+    assert "config.mesh=(4, 2)" in message(8, model_name="alexnet_2tower", mesh=(8, 1))
     text = message(1, model_name="alexnet_2tower", mesh=(1, 2))
-    assert text.startswith("--config.model_name=alexnet_2tower needs 2 devices")
+    assert text.startswith("config.model_name=alexnet_2tower: needs 2 devices")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=2" in text
     assert check(8, model_name="alexnet_2tower", mesh=(4, 2)).eval_batch_size == 52  # data axis 4
 
 
 def test_pmap_is_data_parallel_on_one_process():
     assert check(8, parallel="pmap").parallel == "pmap"
-    assert "--config.parallel=pmap" in message(8, parallel="pmap", model_name="alexnet_2tower", mesh=(4, 2))
-    assert "--config.parallel=pmap" in message(4, 2, parallel="pmap")
+    assert "config.parallel=pmap" in message(8, parallel="pmap", model_name="alexnet_2tower", mesh=(4, 2))
+    assert "config.parallel=pmap" in message(4, 2, parallel="pmap")
 
 
 def test_batches_split_over_processes_too():
@@ -188,7 +191,7 @@ def test_batches_split_over_processes_too():
 
 
 def test_schedule_and_optimizer_names_match_optim():
-    for name in checks.SCHEDULES:
+    for name in optim.SCHEDULES:
         optim.make_schedule(name, 0.1, total_steps=10, boundaries=(5,))
     with pytest.raises(ValueError):
         optim.make_schedule("linear", 0.1)
@@ -205,9 +208,9 @@ def test_a_config_missing_keys_is_one_line():
 
 def test_step_boundaries_as_fractions_of_the_run():
     """He et al.'s CIFAR drops at 32k and 48k of 64k iterations, as (0.5, 0.75) of any run."""
-    from cnn_jax.train import step_boundaries
+    from cnn_jax.builders import step_boundaries
 
     assert check(step_boundaries=(0.5, 0.75)).step_boundaries == (0.5, 0.75)
     assert step_boundaries((0.5, 0.75), 184) == (92, 138)
     assert step_boundaries((30000, 60000), 184) == (30000, 60000)  # steps stay steps
-    assert message(step_boundaries=(0.5, 3)).startswith("--config.step_boundaries=(0.5, 3): must be increasing")
+    assert message(step_boundaries=(0.5, 3)).startswith("config.step_boundaries=(0.5, 3): must be increasing")

@@ -114,32 +114,66 @@ def test_viz_cli_reads_a_checkpoint_written_on_other_devices(data_dir, tmp_path)
 
 def test_mesh_mismatch_is_a_one_line_error(data_dir, tmp_path):
     proc = run_cli([*TINY, "--config.mesh=(3, 2)", f"--workdir={tmp_path}"], data_dir)
-    assert proc.returncode != 0 and "mesh (3, 2) needs 6 devices but 8" in proc.stderr
+    assert proc.returncode != 0 and "--config.mesh=(3, 2): needs 6 devices but 8" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def free_port() -> int:
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port nobody listens on: any (the system's choice), or one in [low, high]."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in ([0] if not low else random.sample(range(low, high + 1), 50)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {low}..{high}")
 
 
-@pytest.mark.slow
-def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path):
-    """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1."""
+def test_a_task_whose_peers_never_start_is_one_line_within_the_timeout(data_dir, tmp_path):
+    """Task 1 of 2 under srun, task 0 never started: a one-line error naming what was read, not a hang."""
+    start = time.monotonic()
+    proc = run_cli([*TINY, "--config.distributed_timeout=5", f"--workdir={tmp_path}"], data_dir,
+                   env_extra={**slurm_task(1), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "could not join the others" in errors[0] and "within 5 s" in errors[0], errors[0]
+    assert "SLURM_NTASKS=2" in errors[0] and "SLURM_PROCID=1" in errors[0], errors[0]
+    assert "--config.distributed_timeout" in errors[0] and time.monotonic() - start < 90
+
+
+def slurm_task(rank: int, tasks: int = 2) -> dict:
+    """The variables `srun --ntasks=2` sets in each task on one node (127.0.0.1); JAX derives the
+    coordinator's port from the job id."""
+    job = free_port(61440, 65535) - 61440  # JAX's port for a SLURM job: 61440 + job id mod 4096
+    return {"SLURM_JOB_ID": str(job + 4096 * 7), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(tasks),
+            "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_NODES": "1",
+            "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1"}
+
+
+@pytest.mark.parametrize("launch", [pytest.param("flags", marks=pytest.mark.slow), "srun"])
+def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path, launch):
+    """Multi-host on one machine: 2 processes x 2 CPU devices, gloo collectives on 127.0.0.1,
+    started with the three settings, or as `srun` starts them (no settings: found by JAX)."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
     env = dict(os.environ, TFDS_DATA_DIR=str(data_dir), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    port = free_port()
-    workdir = tmp_path / "two_processes"
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *TINY, "--config.num_processes=2",
-                               f"--config.process_id={i}", f"--config.coordinator_address=127.0.0.1:{port}",
-                               f"--workdir={workdir}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    port, workdir, slurm = free_port(), tmp_path / "two_processes", slurm_task(0)
+
+    def task(i):
+        if launch == "srun":
+            return [], {**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}
+        return ["--config.num_processes=2", f"--config.process_id={i}",
+                f"--config.coordinator_address=127.0.0.1:{port}"], env
+
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.alexnet", *LENGTHENED, *task(i)[0], f"--workdir={workdir}"],
+                              env=task(i)[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outputs = []
     try:
         for proc in procs:
@@ -159,7 +193,7 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
     # steps 2-3 move each layer's largest weight, so other batches, crops or a gradient share
     # left out of the sum fail it.
     reference = tmp_path / "one_process"
-    one = run_cli([*TINY, f"--workdir={reference}"], data_dir,
+    one = run_cli([*LENGTHENED, f"--workdir={reference}"], data_dir,
                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert one.returncode == 0, one.stderr[-2000:]
     checkpointer, here = ocp.StandardCheckpointer(), jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -178,7 +212,7 @@ def test_two_processes_train_together_and_one_process_resumes(data_dir, tmp_path
 
     # Written once, readable by a different number of processes (the stream is a function of
     # the step alone, so there is no per-process reader state to carry over):
-    single = run_cli([*TINY, "--config.num_train_steps=4", f"--workdir={workdir}"], data_dir,
+    single = run_cli([*LENGTHENED, "--config.num_train_steps=4", f"--workdir={workdir}"], data_dir,
                      env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr[-2000:]
     assert f"resumed from {workdir / 'checkpoints'}/3" in single.stdout
@@ -281,3 +315,19 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
     changed = [line for line in resumed.splitlines() if line.startswith("config changed")]
     assert "resumed from" in resumed
     assert changed == ["config changed since the last run: num_train_steps: 3 -> 4"], changed
+
+
+def test_a_repeated_run_compiles_nothing_new_with_the_cache(data_dir, tmp_path):
+    """The second run of a command finds every program it compiles in --config.compilation_cache:
+    nothing is added, and both runs end alike."""
+    cache, every = tmp_path / "xla", {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # however fast the compile
+    first = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'a'}"], data_dir,
+                    env_extra=every)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries
+    again = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'b'}"], data_dir,
+                    env_extra=every)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert first.stdout.strip().splitlines()[-1] == again.stdout.strip().splitlines()[-1]

@@ -244,3 +244,31 @@ def test_one_by_one_as_product_equals_the_convolution(kernel, stride, padding):
     chex.assert_trees_all_close(value_and_grads(ours), value_and_grads(reference), rtol=1e-5, atol=1e-5)
     ops = {e.primitive.name for e in jax.make_jaxpr(lambda v, x: ours.apply(v, x))(variables, x).jaxpr.eqns}
     assert ("conv_general_dilated" not in ops and "dot_general" in ops) == (kernel == 1), ops
+
+
+@pytest.mark.parametrize("name,shape", [("alexnet", (67, 67, 3)), ("resnet_tiny", (32, 32, 3))])
+def test_the_fast_cpu_formulations_equal_xlas_standard_ones(name, shape):
+    """Max pooling's and batch norm's derivatives, LRN's power, 1x1 convolutions as products:
+    the CPU forms (used on CPU) and XLA's standard ones (used elsewhere) give the same loss and
+    gradients, so the backend's choice cannot change the numbers."""
+    from cnn_jax import fast_cpu, get_model
+
+    model = get_model(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (4, *shape))
+    labels = jnp.arange(4) % 10
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)},
+                          mutable=["batch_stats"])[0]
+        return -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(4), labels])
+
+    results = {}
+    for fast in (True, False):
+        with fast_cpu.forced(fast):
+            results[fast] = jax.jit(jax.value_and_grad(loss))(variables["params"])  # traced inside
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = results[True], results[False]
+    np.testing.assert_allclose(fast_loss, plain_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fast_grads), jax.tree.leaves(plain_grads)):
+        scale = max(float(jnp.abs(b).max()), 1e-12)
+        np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=jax.tree_util.keystr(path))

@@ -68,10 +68,12 @@ def runner_params(model, mode, mesh_shape, steps=STEPS):
 
 
 def test_mesh_and_batch_errors_name_both_numbers():
-    with pytest.raises(ValueError, match=r"mesh \(4, 4\) needs 16 devices but 8"):
+    with pytest.raises(parallel.MeshError, match=r"config.mesh=\(4, 4\): needs 16 devices but 8"):
         parallel.make_mesh((4, 4))
-    with pytest.raises(ValueError, match=r"global batch 12 does not divide across the 8 devices"):
-        parallel.check_batch(12, parallel.make_mesh())
+    with pytest.raises(parallel.MeshError, match=r"config.batch_size=12: must be a multiple of 8 \(the 'data' mesh "
+                                                 r"axis has 8 device\(s\)\): use config.batch_size=8 or "
+                                                 r"config.batch_size=16$"):
+        parallel.check_batch(12, parallel.make_mesh().shape["data"])
     with pytest.raises(ValueError, match="unknown parallel mode"):
         parallel.make_runner("gspmd", parallel.make_mesh(), None, None, None, None, 8)
 
@@ -112,7 +114,7 @@ def test_two_tower_parameter_count_and_layout():
     model = towers()
     mesh = parallel.make_mesh((4, 2))
     state = fresh_state(model)
-    shardings = parallel.tree_shardings(state, mesh, model.partition_rules)
+    shardings = parallel.tree_shardings(state, mesh, model.spec.partition_rules)
     assert shardings.params["conv2"]["kernel"].spec == P("model")
     assert shardings.opt_state.inner_state[1].velocity["fc6"]["kernel"].spec == P("model")
     assert shardings.step.spec == P()
@@ -128,7 +130,7 @@ def test_two_towers_sharded_equal_unsharded():
     params = fresh_state(model).params
     expected = model.apply({"params": params}, x, train=False)
     apply = parallel.towers_apply(model, mesh)
-    sharded = jax.device_put({"params": params}, parallel.tree_shardings({"params": params}, mesh, model.partition_rules))
+    sharded = jax.device_put({"params": params}, parallel.tree_shardings({"params": params}, mesh, model.spec.partition_rules))
     chex.assert_trees_all_close(jax.jit(lambda v, x: apply(v, x, train=False))(sharded, x), expected, **TOL)
     # and after three training steps on a (4, 2) mesh
     assert_params_close(runner_params(model, "jit", (4, 2)), single_device_params(model))

@@ -60,6 +60,7 @@ def test_statistics_are_the_mean_image_and_colour_pca_written_atomically(stores)
     stats = pipeline.statistics(source)
     images = source.images(range(len(source))).astype(np.float64)
     np.testing.assert_allclose(stats["mean"], images.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["channel_std"], images.reshape(-1, 3).std(0) / 255.0, rtol=1e-5)
     pixels = source.images(np.linspace(0, len(source) - 1, len(source)).astype(int))[:, ::4, ::4].reshape(-1, 3)
     cov = np.cov(pixels / 255.0, rowvar=False)
     np.testing.assert_allclose(cov @ stats["eigenvectors"], stats["eigenvectors"] * stats["eigenvalues"], atol=1e-9)
@@ -67,6 +68,9 @@ def test_statistics_are_the_mean_image_and_colour_pca_written_atomically(stores)
     assert not list(source.directory.glob(".*tmp*"))
     again = pipeline.statistics(source)  # read back, not recomputed
     np.testing.assert_array_equal(again["mean"], stats["mean"])
+    (source.directory / "statistics.npz").unlink()
+    np.savez(source.directory / "statistics.npz", mean=np.zeros(3))  # written before channel_std existed
+    np.testing.assert_array_equal(pipeline.statistics(source)["channel_std"], stats["channel_std"])
 
 
 def test_read_ahead_keeps_order_and_stops():

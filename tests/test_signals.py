@@ -6,7 +6,7 @@ import signal
 import chex
 import pytest
 
-from cnn_jax import train
+from cnn_jax import builders, train
 from cnn_jax.checkpoint import Checkpointer
 from helpers import tiny_config
 
@@ -34,7 +34,7 @@ def _signal_once(monkeypatch, owner, name, signum):
 
 
 PHASES = {  # where the signal lands: (object, method)
-    "inside_a_step": (train, "train_step"),  # while the first step is traced
+    "inside_a_step": (builders, "train_step"),  # while the first step is traced
     "evaluation": (train.Run, "evaluate"),
     "plateau_update": (train, "_after_eval"),
     "checkpoint_save": (Checkpointer, "save"),

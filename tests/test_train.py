@@ -12,6 +12,7 @@ import pytest
 from cnn_jax import get_model, optim, train
 from cnn_jax.checkpoint import CheckpointError
 from cnn_jax.data import augment
+from cnn_jax.train_log import TrainLog
 from helpers import tiny_config
 
 
@@ -70,13 +71,10 @@ class _Recorder:
 
 
 def test_the_log_reads_a_window_only_once_its_last_step_has_finished():
-    from types import SimpleNamespace
-
     from cnn_jax.timing import StepClock
 
     writer, clock = _Recorder(), StepClock()
-    run = SimpleNamespace(config=SimpleNamespace(batch_size=4), writer=writer, _newest=lambda: "ckpt/2")
-    log = train.TrainLog(run, clock, _Recorder())
+    log = TrainLog(writer, clock, _Recorder(), batch_size=4, newest=lambda: "ckpt/2")
     for step in range(1, 7):
         log.add({"loss": jnp.float32(step)})
         if step % 2 == 0:

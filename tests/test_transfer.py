@@ -14,7 +14,7 @@ import pytest
 
 from cnn_jax import optim, train, transfer
 from cnn_jax.models import get_model
-from experiments import _compare, _run
+from experiments import _report, _run
 from experiments import transfer as transfer_experiment
 from helpers import tiny_config
 
@@ -132,7 +132,7 @@ def test_class_subsets_relabel_and_cap_the_training_images(data_dir):
     from cnn_jax.data import store
     from cnn_jax.data.sources import open_split
     from cnn_jax.data.pipeline import ImageSpec
-    from cnn_jax.train import _prepared
+    from cnn_jax.builders import _prepared
 
     split = open_split("digits", "train", str(data_dir))
     full = _prepared(split, ImageSpec(32, 32, False, 1, 0.0, "raw"), 1, 0)
@@ -162,7 +162,7 @@ def test_transfer_experiment_smoke_writes_its_table_and_plot(data_dir, tmp_path,
     monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
     argv = ["transfer", "--config.smoke=True", f"--workdir={tmp_path}"]
     assert _run.main(transfer_experiment.get_config, argv, job=transfer_experiment.run_all,
-                     show=_compare.show) == 0
+                     show=_report.show) == 0
     out = capsys.readouterr().out
     assert "| small | digits 0-4 net | head only |" in out and "| full | random | from scratch |" in out
     results = json.loads((tmp_path / "results.json").read_text())["results"]

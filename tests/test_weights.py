@@ -203,3 +203,35 @@ def test_googlenet_transform_input_is_torchvisions_formula():
     transformed = get_model("googlenet_torchvision", num_classes=4, aux_heads=False, transform_input=True)
     chex.assert_trees_all_close(_logits(transformed, variables, x), _logits(model, variables, by_hand),
                                 rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_normalisation_gives_torchvisions_logits_on_a_photo(tmp_path):
+    """Published torchvision weights expect torchvision's eval transform. Through the prepared
+    store and the preprocessor with normalize='imagenet', a torchvision-layout ResNet-18 gives the
+    logits PyTorch gives with that transform written out: Resize(256) (PIL bilinear, shorter
+    side), CenterCrop(224), ToTensor, Normalize(ImageNet mean, std)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from cnn_jax.data import augment, store
+
+    photo = load_sample_images().images[0][:420, :630]  # 2:3, so Resize(256) is 256x384 exactly
+    net = tv.randomise(tv.ResNet(18)).eval()
+    model = get_model("resnet18")
+    variables = weights.load(_write(net, tmp_path / "resnet18.pth"), model)
+
+    resized = np.asarray(Image.fromarray(photo).resize((384, 256), Image.BILINEAR), np.float32) / 255.0
+    top, left = int(round((256 - 224) / 2)), int(round((384 - 224) / 2))
+    x = (resized[top:top + 224, left:left + 224] - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    reference = _torch_logits(net, x[None].astype(np.float32))
+
+    stored = store.square(photo, store.StoreSpec(size=256))
+    prep = augment.make_preprocessor(np.zeros((256, 256, 3)), np.zeros(3), np.eye(3), input_size=224, flip=False,
+                                     pca_noise=0.0, normalize="imagenet")
+    ours = _logits(model, variables, prep.evaluate(jnp.asarray(stored[None])))
+    scale = np.abs(reference).max()
+    chex.assert_trees_all_close(ours / scale, reference / scale, atol=1e-4)
+    # the paper's normalisation feeds the same weights other inputs: the logits move
+    plain = augment.make_preprocessor(np.zeros((256, 256, 3)), np.zeros(3), np.eye(3), input_size=224, flip=False,
+                                      pca_noise=0.0)
+    assert np.abs(_logits(model, variables, plain.evaluate(jnp.asarray(stored[None]))) - reference).max() > 0.1 * scale

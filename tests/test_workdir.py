@@ -12,6 +12,7 @@ import pytest
 from cnn_jax import workdir as wd
 from cnn_jax.workdir import WorkdirError, check_resume_config, open_workdir, workdir_lock
 from experiments import alexnet
+from experiments._run import FLAGS
 
 
 def test_open_workdir_creates_nested_folders_and_leaves_nothing(tmp_path):
@@ -26,14 +27,14 @@ def test_a_file_is_not_a_workdir_and_stays_untouched(tmp_path):
     target.write_text("keep me")
     with pytest.raises(WorkdirError) as err:
         open_workdir(target)
-    assert str(err.value) == f"--workdir={target} is a file, not a folder: choose another --workdir"
+    assert str(err.value) == f"workdir={target}: is a file, not a folder: choose another workdir"
     assert target.read_text() == "keep me"
 
 
 def test_a_parent_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "f").write_text("")
-    with pytest.raises(WorkdirError, match=r"^--workdir=.*f/run cannot be created \(a parent is a file\): "
-                                           r"choose a folder you can write to with --workdir$"):
+    with pytest.raises(WorkdirError, match=r"^workdir=.*f/run: cannot be created \(a parent is a file\): "
+                                           r"choose a folder you can write to as workdir$"):
         open_workdir(tmp_path / "f" / "run")
 
 
@@ -42,8 +43,8 @@ def test_an_unwritable_workdir_is_found_by_writing(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)  # root ignores permission bits
-    with pytest.raises(WorkdirError, match=r"^--workdir=.* is not writable \(Permission denied\): fix its "
-                                           r"permissions or choose another --workdir$"):
+    with pytest.raises(WorkdirError, match=r"^workdir=.*: is not writable \(Permission denied\): fix its "
+                                           r"permissions or choose another workdir$"):
         open_workdir(tmp_path)
 
 
@@ -59,7 +60,7 @@ def test_a_read_only_workdir_is_refused(tmp_path):
 
 def test_the_lock_admits_one_holder_and_names_it(tmp_path):
     expected = (f"another run (pid {os.getpid()} on host {socket.gethostname()}) is using {tmp_path}: "
-                "wait for it or choose another --workdir")
+                "wait for it or choose another workdir")
     with workdir_lock(tmp_path) as path:
         assert path.read_text().split() == [str(os.getpid()), socket.gethostname()]
         with pytest.raises(WorkdirError) as err:  # a second open file description conflicts
@@ -140,8 +141,11 @@ def test_a_training_change_is_refused_with_each_key(tmp_path):
     check_resume_config(config_dict(), tmp_path, allow_change=False)
     with pytest.raises(WorkdirError) as err:
         check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=False)
-    assert str(err.value) == (f"--workdir={tmp_path} was trained with other settings: learning_rate: 0.01 -> 0.1: "
-                              "use the saved values, another --workdir, or --config.allow_config_change=True")
+    assert str(err.value) == (f"workdir={tmp_path}: was trained with other settings: learning_rate: 0.01 -> 0.1: "
+                              "use the saved values, another workdir, or config.allow_config_change=True")
+    assert err.value.render(FLAGS) == (f"--workdir={tmp_path}: was trained with other settings: learning_rate: "
+                                       "0.01 -> 0.1: use the saved values, another --workdir, or "
+                                       "--config.allow_config_change=True")
     assert saved(tmp_path)["learning_rate"] == 0.01  # nothing rewritten
     with pytest.raises(WorkdirError) as err:
         check_resume_config(config_dict(batch_size=64, seed=1, model__dropout_rate=0.3, model_name="alexnet_bn",

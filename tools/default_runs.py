@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import pathlib
 import platform
 import shutil
@@ -66,7 +67,8 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", f"--config.seed={seed}",
-                           f"--workdir={workdir}"], capture_output=True, text=True, cwd=ROOT)
+                           f"--workdir={workdir}"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "CNN_JAX_COMPILATION_CACHE": ""})  # each run compiles, as a first run does
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"experiments.{name} seed {seed} exited {proc.returncode}: "

@@ -11,13 +11,23 @@ The NumPy versions in `transforms` are the reference these are tested against.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from cnn_jax.config import ConfigError, Set
 from cnn_jax.layers import InputError
+
+CROPS = ("centre", "ten")  # the evaluations a Preprocessor offers: one centre crop, the paper's ten
+# How 0..1 pixels become the network's input: minus the training set's mean image (the paper),
+# minus its per-channel mean and over its per-channel standard deviation, or ImageNet's channel
+# statistics as torchvision's weights expect (its `transforms.Normalize` constants).
+NORMALIZATIONS = ("mean_image", "channel", "imagenet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Draws(struct.PyTreeNode):
@@ -39,21 +49,27 @@ class Preprocessor(struct.PyTreeNode):
     mean: jax.Array  # (R, R, C) float32 in 0..255: the training set's mean image
     eigenvalues: jax.Array  # (3,) RGB covariance eigenvalues, in 0..1 units
     eigenvectors: jax.Array  # (3, 3), columns
+    centre: jax.Array  # (C,) in 0..1 units: subtracted per channel (not with 'mean_image')
+    spread: jax.Array  # (C,): divided by per channel (not with 'mean_image')
+    normalize: str = struct.field(pytree_node=False, default="mean_image")
     input_size: int = struct.field(pytree_node=False, default=227)
     flip: bool = struct.field(pytree_node=False, default=True)
     pca_noise: float = struct.field(pytree_node=False, default=0.0)  # std of alpha; 0 = off
 
     def normalise(self, images: jax.Array) -> jax.Array:
-        """uint8 (B, R, R, C) -> float32 in 0..1 units, minus the mean image."""
+        """uint8 (B, R, R, C) -> float32 in 0..1 units, minus the mean image (or per channel:
+        minus `centre`, over `spread`)."""
         want = (*self.mean.shape[:2], self.mean.shape[-1])
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise InputError(f"the preprocessor takes stored uint8 images of shape (batch, {', '.join(map(str, want))}), "
                              f"got {tuple(images.shape)}: pass batches from the prepared store, whose size is "
-                             "--config.resize_size")
+                             "the config's resize_size")
         if images.dtype != jnp.uint8:
             raise InputError(f"the preprocessor takes uint8 pixels (0..255), got {images.dtype}: pass the stored "
                              "images as they are; it subtracts the mean itself")
-        return images.astype(jnp.float32) / 255.0 - self.mean / 255.0
+        if self.normalize == "mean_image":
+            return images.astype(jnp.float32) / 255.0 - self.mean / 255.0
+        return (images.astype(jnp.float32) / 255.0 - self.centre) / self.spread
 
     def draw(self, key: jax.Array, batch: int) -> Draws:
         size, side = self.input_size, self.mean.shape[0]
@@ -75,8 +91,8 @@ class Preprocessor(struct.PyTreeNode):
         x = jax.vmap(crop)(x, draws.top, draws.left)
         x = jnp.where(draws.mirror[:, None, None, None], x[:, :, ::-1], x)
         if self.pca_noise > 0 and channels == 3:
-            shift = (draws.alpha * self.eigenvalues) @ self.eigenvectors.T  # (B, 3)
-            x = x + shift[:, None, None, :]
+            shift = (draws.alpha * self.eigenvalues) @ self.eigenvectors.T  # (B, 3), in 0..1 pixel units
+            x = x + (shift if self.normalize == "mean_image" else shift / self.spread)[:, None, None, :]
         return x
 
     def train(self, images: jax.Array, key: jax.Array) -> jax.Array:
@@ -90,18 +106,46 @@ class Preprocessor(struct.PyTreeNode):
         if crops == "centre":
             return x[:, centre:centre + size, centre:centre + size]
         if crops != "ten":
-            raise ValueError(f"unknown crops {crops!r}: use 'centre' or 'ten'")
+            raise ValueError(f"unknown crops {crops!r}: use one of {', '.join(CROPS)}")
         origins = [(0, 0), (0, side - size), (side - size, 0), (side - size, side - size), (centre, centre)]
         views = [x[:, t:t + size, l:l + size] for t, l in origins]
         views += [v[:, :, ::-1] for v in views]
         return jnp.stack(views, axis=1)
 
 
-def make_preprocessor(mean, eigenvalues, eigenvectors, *, input_size: int, flip: bool,
-                      pca_noise: float) -> Preprocessor:
+def make_preprocessor(mean, eigenvalues, eigenvectors, *, input_size: int, flip: bool, pca_noise: float,
+                      normalize: str = "mean_image", channel_std=None) -> Preprocessor:
+    """The preprocessor for stored images with the training set's statistics (`mean`: the mean
+    image in 0..255; `channel_std`: per channel in 0..1 units, needed by 'channel')."""
     if mean.shape[0] < input_size:
-        raise ValueError(f"stored images of {mean.shape[0]}x{mean.shape[1]} are smaller than the "
-                         f"{input_size}x{input_size} input: raise --config.resize_size")
+        raise ConfigError(f"stored images of {mean.shape[0]}x{mean.shape[1]} are smaller than the "
+                          f"{input_size}x{input_size} input: raise {{0}}", Set("resize_size"))
+    centre, spread = _channel_statistics(normalize, mean, channel_std)
     as_array: Any = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return Preprocessor(as_array(mean), as_array(eigenvalues), as_array(eigenvectors),
-                        input_size=input_size, flip=flip, pca_noise=float(pca_noise))
+    return Preprocessor(as_array(mean), as_array(eigenvalues), as_array(eigenvectors), as_array(centre),
+                        as_array(spread), normalize=normalize, input_size=input_size, flip=flip,
+                        pca_noise=float(pca_noise))
+
+
+def check_normalize(normalize: str, channels: int):
+    """A normalisation this preprocessor knows, for images of `channels` channels."""
+    if normalize not in NORMALIZATIONS:
+        close = difflib.get_close_matches(str(normalize), NORMALIZATIONS, n=1)
+        raise ConfigError(f"unknown input normalisation; {f'did you mean {close[0]}? ' if close else ''}choose "
+                          f"one of {', '.join(NORMALIZATIONS)}", key="normalize", value=normalize)
+    if normalize == "imagenet" and channels != 3:
+        raise ConfigError("ImageNet's statistics are for RGB images, not {0}", Set("channels", channels),
+                          key="normalize", value=normalize)
+
+
+def _channel_statistics(normalize: str, mean, channel_std) -> tuple:
+    """(centre, spread) per channel in 0..1 units for `normalize`."""
+    channels = mean.shape[-1]
+    check_normalize(normalize, channels)
+    if normalize == "mean_image":
+        return np.zeros(channels), np.ones(channels)
+    if normalize == "channel":
+        if channel_std is None:
+            raise ValueError("normalize='channel' needs the training set's per-channel standard deviation")
+        return np.asarray(mean, np.float64).mean((0, 1)) / 255.0, np.maximum(np.asarray(channel_std), 1e-6)
+    return np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)

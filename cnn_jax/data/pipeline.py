@@ -19,6 +19,7 @@ import functools
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnn_jax.config import Set
 from cnn_jax.data import transforms
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.data.store import Store, StoreSpec, default_workers
@@ -44,18 +45,26 @@ class ImageSpec:
 
 
 def statistics(store: Store, *, max_pca_images: int = 1000, write: bool = True) -> dict:
-    """{'mean': the per-pixel mean image (float32, 0..255), 'eigenvalues', 'eigenvectors': the
-    RGB covariance's PCA in 0..1 units} of a training store, computed once and written beside
-    it (atomically, and only where `write`: process 0 of a multi-process run)."""
+    """{'mean': the per-pixel mean image (float32, 0..255), 'channel_std': each channel's
+    standard deviation over every pixel (0..1 units), 'eigenvalues', 'eigenvectors': the RGB
+    covariance's PCA in 0..1 units} of a training store, computed once and written beside it
+    (atomically, and only where `write`: process 0 of a multi-process run)."""
     path = store.directory / "statistics.npz"
     if path.exists():
         with np.load(path) as cached:
-            return dict(cached)
+            if "channel_std" in cached:  # (written before channel_std existed: computed again)
+                return dict(cached)
     n, chunk = len(store), 256
     total = np.zeros(store.shape, np.float64)
+    squares = np.zeros(store.shape[-1], np.float64)
     for start in tqdm(range(0, n, chunk), desc=f"mean image of {store.directory.name}", leave=False):
-        total += store.images(range(start, min(n, start + chunk))).sum(0, dtype=np.float64)
-    stats = {"mean": (total / n).astype(np.float32)}
+        images = store.images(range(start, min(n, start + chunk)))
+        total += images.sum(0, dtype=np.float64)
+        squares += np.square(images, dtype=np.float64).sum((0, 1, 2))
+    pixels_per_channel = n * store.shape[0] * store.shape[1]
+    channel_mean = total.sum((0, 1)) / pixels_per_channel
+    variance = np.maximum(squares / pixels_per_channel - np.square(channel_mean), 0.0)
+    stats = {"mean": (total / n).astype(np.float32), "channel_std": (np.sqrt(variance) / 255.0).astype(np.float32)}
     if store.shape[-1] == 3:
         picks = np.linspace(0, n - 1, min(n, max_pca_images)).astype(int)
         pixels = store.images(picks)[:, ::4, ::4].reshape(-1, 3) / 255.0
@@ -73,7 +82,7 @@ def check_enough(images: int, batch_size: int):
     prepared, and on the prepared store's, which has lost any undecodable images)."""
     if images < batch_size:
         raise DatasetError(f"the training split has {images} images, fewer than one batch of {batch_size}: "
-                           "lower --config.batch_size or add images")
+                           "lower {0} or add images", Set("batch_size"))
 
 
 class TrainStream:

@@ -18,13 +18,15 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cnn_jax.config import SettingError, Set
 from cnn_jax.data import transforms
 
+WRITABLE = Set("data_dir", "<a writable folder>")
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))
 DIGITS_VALIDATION = 300  # held-out examples; the remaining 1,497 train
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SettingError):
     """A dataset that cannot be opened; the message says what is missing and how to fix it."""
 
 
@@ -96,7 +98,7 @@ FOLDER_VALIDATION = 0.1  # fraction held out (by a hash of the file name) when t
 
 PREPARE_HINT = ("prepare it on a machine with network access: `pip install -e '.[prepare]'` then "
                 "`tfds build {name} --data_dir={data_dir} --file_format=array_record`, and copy the "
-                "folder here (or pass --config.data_dir)")
+                "folder here (or set {{0}} to where it is)")
 HINTS = {
     "imagenet2012": ("imagenet2012 needs the ILSVRC-2012 tar files (ILSVRC2012_img_train.tar, "
                      "ILSVRC2012_img_val.tar) in {data_dir}/downloads/manual, then `pip install -e "
@@ -221,10 +223,9 @@ def _check_writable(data_dir: pathlib.Path):
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DatasetError(f"data dir {data_dir} cannot be made ({err.strerror}): pass "
-                           "--config.data_dir=<a writable folder>") from None
+        raise DatasetError(f"data dir {data_dir} cannot be made ({err.strerror}): set {{0}}", WRITABLE) from None
     if not os.access(data_dir, os.W_OK):
-        raise DatasetError(f"data dir {data_dir} is not writable: pass --config.data_dir=<a writable folder>")
+        raise DatasetError(f"data dir {data_dir} is not writable: set {{0}}", WRITABLE)
 
 
 def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
@@ -263,7 +264,7 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         if not builder.is_prepared():
             hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=data_dir)
             raise DatasetError(f"dataset {name!r} is not prepared in {data_dir} (no download is "
-                               f"attempted): {hint}")
+                               f"attempted): {hint}", Set("data_dir"))
     if split not in builder.info.splits:
         raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
     label = builder.info.features["label"]

@@ -24,6 +24,7 @@ import pathlib
 import numpy as np
 from tqdm.auto import tqdm
 
+from cnn_jax.config import SettingError, Set
 from cnn_jax.data import transforms
 from cnn_jax.files import replaced_atomically
 
@@ -33,7 +34,7 @@ VERSION = 1  # part of every store's key: bump it when preparation changes
 _OPTIONS = "group_size:1,uncompressed"  # one record per read; pixels and JPEGs do not compress
 
 
-class StoreError(RuntimeError):
+class StoreError(SettingError):
     """A store that cannot be prepared (nothing decodable, an unwritable data dir)."""
 
 
@@ -134,8 +135,8 @@ def prepare(split, spec: StoreSpec, *, workers: int = 0) -> "Store":
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise StoreError(f"cannot write the prepared store at {directory} ({err.strerror}): pass "
-                         "--config.data_dir=<a writable folder>") from None
+        raise StoreError(f"cannot write the prepared store at {directory} ({err.strerror}): set {{0}}",
+                         Set("data_dir", "<a writable folder>")) from None
     n = len(split)
     jobs = [(k, start, min(n, start + SHARD_SIZE)) for k, start in enumerate(range(0, n, SHARD_SIZE))]
     todo = [job for job in jobs if not all(p.exists() for p in _shard_paths(directory, job[0]))]

@@ -7,21 +7,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn_jax.models.spec import ModelSpec, TorchLayout, spec_of
+
+__all__ = ["register", "list_models", "get_model", "model_defaults", "variant_fields", "abstract_variables",
+           "ModelSpec", "TorchLayout", "spec_of"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _FAMILIES = ("alexnet", "alexnet_towers", "lenet", "vgg", "googlenet", "resnet", "torchvision", "convnet")
 
 
 def register(name: str):
-    """Registers a module class or factory under `name` (decorator)."""
+    """Registers a module class or factory under `name` (decorator). The class declares its
+    `spec` (a `ModelSpec`): what training, transfer and the weight importer may know of it."""
 
     def add(factory):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
+        if not isinstance(getattr(getattr(factory, "func", factory), "spec", None), ModelSpec):
+            raise TypeError(f"model {name!r}: its class must declare spec = ModelSpec(head=...)")
         _REGISTRY[name] = factory
         return factory
 
@@ -77,3 +88,13 @@ def get_model(name: str, **overrides) -> nn.Module:
         raise ValueError(f"model {name!r} has no field(s) {sorted(unknown)}; "
                          f"its fields are {sorted(_fields(factory))}")
     return factory(**overrides)
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_variables(model: nn.Module, size: int | None = None, channels: int | None = None) -> dict:
+    """The model's variables as shapes, traced at a (size, size, channels) input (default: the
+    model's own `input_shape`); nothing is computed, and each (model, input) is traced once.
+    A size the model's geometry does not allow raises its `GeometryError`."""
+    shape = tuple(model.input_shape) if size is None else (size, size, channels)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, *shape), jnp.float32))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, register
 
 # (name, features, kernel, stride, padding); LRN + pool follow conv1 and conv2, pool follows conv5.
 CONVS = (
@@ -57,7 +57,7 @@ class AlexNet(nn.Module):
     """
 
     input_shape = (227, 227, 3)  # class constant, not a field: the size the paper's arithmetic needs
-    head = ("fc8",)  # the layers whose shape follows num_classes
+    spec = ModelSpec(head=("fc8",))
 
     num_classes: int = 1000
     dropout_rate: float = 0.5
@@ -118,7 +118,7 @@ class AlexNetBN(nn.Module):
     """
 
     input_shape = (224, 224, 3)
-    head = ("fc9",)
+    spec = ModelSpec(head=("fc9",))
 
     num_classes: int = 17
     conv2_kernel: int = 5

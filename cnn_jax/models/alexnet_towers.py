@@ -28,7 +28,7 @@ import flax.linen as nn
 from jax.sharding import PartitionSpec as P
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, register
 from cnn_jax.models.alexnet import initializers, scaled
 
 # (name, features per tower, kernel, stride, padding, sees both towers)
@@ -53,12 +53,11 @@ class AlexNetTowers(nn.Module):
     """The paper's two-GPU AlexNet. `__call__(x, *, train)` takes NHWC images, returns logits."""
 
     input_shape = (227, 227, 3)
-    head = ("fc8",)
-    # Parameters are tower-stacked: their axis 0 is split over the mesh's 'model' axis.
-    partition_rules = ((r"(conv\d|fc\d)/(kernel|bias)$", P("model")),)
+    # Parameters are tower-stacked: their axis 0 is split over the mesh's 'model' axis, one
+    # tower per device.
+    spec = ModelSpec(head=("fc8",), partition_rules=((r"(conv\d|fc\d)/(kernel|bias)$", P("model")),), towers=2)
 
     num_classes: int = 1000
-    towers: int = 2
     local_towers: int | None = None  # towers held here; None: all of them
     tower_gather: Callable | None = None  # (local, ...) -> (towers, ...); None: identity
     tower_combine: Callable | None = None  # (local, B, k) -> (B, towers * k); None: concatenate
@@ -83,6 +82,10 @@ class AlexNetTowers(nn.Module):
         kernel_init, bias_init = initializers(self.init_scheme, name)
         return _per_tower(nn.Dense, features=features, kernel_init=kernel_init, bias_init=bias_init,
                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+    @property
+    def towers(self) -> int:
+        return self.spec.towers
 
     @checks_geometry
     @nn.compact

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, register
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
 CONVS = (("conv1", 32), ("conv2", 32), ("conv3", 64))  # 5x5, padding 2, each followed by a pool
@@ -27,7 +27,7 @@ class ConvNet4(nn.Module):
     """`__call__(x, *, train)` returns float32 logits; 32x32 input (CIFAR-10)."""
 
     input_shape = (32, 32, 3)
-    head = ("fc",)
+    spec = ModelSpec(head=("fc",))
 
     num_classes: int = 10
     activation: str = "relu"  # or "tanh" (Figure 1)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import AvgPool, Conv, LocalResponseNorm, MaxPool, checks_geometry, lrn_from_caffe, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, register
 
 # name: (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) -- the paper's table 1.
 MODULES = {
@@ -75,7 +75,7 @@ class AuxHead(nn.Module):
 @register("googlenet")
 class GoogLeNet(nn.Module):
     input_shape = (224, 224, 3)
-    head = ("fc", "aux1/fc2", "aux2/fc2")
+    spec = ModelSpec(head=("fc", "aux1/fc2", "aux2/fc2"))
 
     num_classes: int = 1000
     aux_heads: bool = True

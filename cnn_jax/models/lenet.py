@@ -22,7 +22,7 @@ import numpy as np
 import flax.linen as nn
 
 from cnn_jax.layers import Conv, MaxPool, check_window, checks_geometry, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, register
 
 # Which S2 maps feed each C3 map (table I of the paper).
 C3_TABLE = ((0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
@@ -119,7 +119,7 @@ class EuclideanRBF(nn.Module):
 
 class _LeNet(nn.Module):
     input_shape = (32, 32, 1)
-    head = ("output",)
+    spec = ModelSpec(head=("output",))
 
     num_classes: int = 10
     dtype: Any = jnp.float32
@@ -129,6 +129,8 @@ class _LeNet(nn.Module):
 @register("lenet5")
 class LeNet5(_LeNet):
     """The paper's LeNet-5; returns -RBF penalties as float32 logits (10 classes only)."""
+
+    spec = ModelSpec(head=())  # the RBF output's prototypes are fixed: no head to replace or train
 
     @checks_geometry
     @nn.compact

@@ -14,13 +14,14 @@ bottleneck (torchvision's "v1.5", same parameter count as the paper's).
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, one_by_one_as_product, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, TorchLayout, register
 
 
 class _Block(nn.Module):
@@ -85,6 +86,22 @@ class BottleneckBlock(_Block):
         return self.add_shortcut(y, x)
 
 
+
+def torchvision_layout(model) -> TorchLayout | None:
+    """torchvision's ResNet-18..152 (ImageNet; projection shortcuts): stage s, block b is
+    layer{s}.{b-1}, a projection is its `downsample`. The CIFAR nets have no counterpart."""
+    if model.cifar:
+        return None
+
+    def prefix(path: tuple) -> str:
+        stage = re.fullmatch(r"stage(\d+)_block(\d+)", path[0])
+        if not stage:
+            return ".".join(path)
+        inner = {"proj_conv": "downsample.0", "proj_bn": "downsample.1"}.get(path[1], path[1])
+        return f"layer{stage.group(1)}.{int(stage.group(2)) - 1}.{inner}"
+
+    return TorchLayout(prefix, requires={"shortcut": "B"})
+
 class ResNet(nn.Module):
     """ImageNet ResNet (7x7 stem, max pool, four stages) or, with `cifar=True`, the paper's
     CIFAR-10 network (3x3 stem with 16 filters, three stages of 16/32/64, no max pool)."""
@@ -99,7 +116,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    head = ("fc",)
+    spec = ModelSpec(head=("fc",), torchvision=torchvision_layout)
 
     @property
     def input_shape(self):

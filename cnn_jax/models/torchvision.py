@@ -14,13 +14,14 @@ receive weights.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, TorchLayout, register
 from cnn_jax.models.googlenet import MODULES
 
 
@@ -59,12 +60,26 @@ class CeilMaxPool(nn.Module):
         return max_pool(x, (self.window,) * 2, (self.stride,) * 2, pads)
 
 
+ALEXNET_NAMES = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
+                 "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
+
+
+def alexnet_layout(model) -> TorchLayout:
+    return TorchLayout(lambda path: ALEXNET_NAMES[path[0]], chw={("fc6",): 256})
+
+
+def googlenet_layout(model) -> TorchLayout:
+    """Flax's branch2_1 is torchvision's branch2.1; the auxiliary heads' fc1 reads (128, 4, 4)."""
+    return TorchLayout(lambda path: re.sub(r"branch(\d)_(\d)", r"branch\1.\2", ".".join(path)),
+                       chw={("aux1", "fc1"): 128, ("aux2", "fc1"): 128})
+
+
 @register("alexnet_torchvision")
 class AlexNetTorchvision(nn.Module):
     """torchvision's AlexNet (see the module docstring). Returns float32 logits."""
 
     input_shape = (224, 224, 3)
-    head = ("fc8",)
+    spec = ModelSpec(head=("fc8",), torchvision=alexnet_layout)
 
     num_classes: int = 1000
     dropout_rate: float = 0.5
@@ -152,7 +167,7 @@ class GoogLeNetTorchvision(nn.Module):
     {'logits', 'aux_logits'} as `googlenet` does; else float32 logits."""
 
     input_shape = (224, 224, 3)
-    head = ("fc", "aux1/fc2", "aux2/fc2")
+    spec = ModelSpec(head=("fc", "aux1/fc2", "aux2/fc2"), torchvision=googlenet_layout)
 
     num_classes: int = 1000
     aux_heads: bool = True

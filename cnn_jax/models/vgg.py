@@ -16,18 +16,31 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, wide
-from cnn_jax.models import register
+from cnn_jax.models import ModelSpec, TorchLayout, register
 
 # Convolutions per block (each block ends in a 2x2 max pool); widths 64, 128, 256, 512, 512.
 CONFIGS = {"A": (1, 1, 2, 2, 2), "B": (2, 2, 2, 2, 2), "D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
 WIDTHS = (64, 128, 256, 512, 512)
 
 
+def torchvision_layout(model) -> TorchLayout:
+    """torchvision's `features` count conv, [bn], relu per convolution and a pool per block."""
+    names, i = {}, 0
+    for block, convs in enumerate(CONFIGS[model.config], start=1):
+        for j in range(1, convs + 1):
+            names[f"conv{block}_{j}"] = f"features.{i}"
+            names[f"bn{block}_{j}"] = f"features.{i + 1}"
+            i += 3 if model.batch_norm else 2
+        i += 1
+    names.update(fc6="classifier.0", fc7="classifier.3", fc8="classifier.6")
+    return TorchLayout(lambda path: names[path[0]], chw={("fc6",): 512})
+
+
 class VGG(nn.Module):
     """VGG; `config` is one of 'A', 'B', 'D', 'E'. Returns float32 logits."""
 
     input_shape = (224, 224, 3)
-    head = ("fc8",)
+    spec = ModelSpec(head=("fc8",), torchvision=torchvision_layout)
 
     config: str = "D"
     num_classes: int = 1000

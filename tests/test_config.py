@@ -1,0 +1,49 @@
+"""The settings schema and its errors: one line in Python's words, the same line in flags."""
+
+import pickle
+
+from cnn_jax import config as config_lib, workdir
+from cnn_jax.config import ConfigError, Set, SettingError
+from experiments._run import FLAGS
+
+
+def test_an_error_names_its_key_and_settings_in_either_notation():
+    err = ConfigError("must be a multiple of 4: use {0} or {1}", Set("mesh", (4, 2)), Set("batch_size", 28),
+                      key="batch_size", value=30)
+    assert str(err) == "config.batch_size=30: must be a multiple of 4: use config.mesh=(4, 2) or config.batch_size=28"
+    assert err.render(FLAGS) == ("--config.batch_size=30: must be a multiple of 4: use "
+                                                   "--config.mesh='(4, 2)' or --config.batch_size=28")
+
+
+def test_shell_quoting_keeps_a_value_one_word():
+    assert Set("freeze", "^conv").render(FLAGS) == "--config.freeze=^conv"
+    assert Set("freeze", "it's (x)").render(FLAGS) == "--config.freeze='it'\\''s (x)'"
+    assert Set("classes", (5,)).render() == "config.classes=(5,)"
+    assert Set("data_dir").render(FLAGS) == "--config.data_dir"
+    assert Set("workdir", "runs/a b", argument=True).render(FLAGS) == "--workdir='runs/a b'"
+    assert Set("workdir", "runs/x", argument=True).render() == "workdir=runs/x"
+
+
+def test_text_without_settings_keeps_its_braces():
+    assert str(SettingError("keys {'a': 1} differ")) == "keys {'a': 1} differ"
+
+
+def test_errors_survive_pickling_with_their_parts():  # raised in worker processes
+    err = pickle.loads(pickle.dumps(ConfigError("use {0}", Set("mesh", (2, 1)), key="mesh", value=(3, 1))))
+    assert type(err) is ConfigError and err.key == "mesh" and str(err) == "config.mesh=(3, 1): use config.mesh=(2, 1)"
+
+
+def test_the_resume_rules_name_only_keys_of_the_schema():
+    keys = set(config_lib.defaults().keys())
+    for group in (config_lib.WATCHING, config_lib.LENGTH, config_lib.NOT_RECORDED):
+        assert group <= keys, group - keys
+
+
+def test_a_new_key_changes_what_is_trained_until_said_otherwise(tmp_path):
+    """A key the resume rules do not list is refused on change: silently resuming a run with a
+    changed setting would be the worse mistake."""
+    saved = {"brand_new": 1, "log_every_steps": 10, "experiment.seeds": 3}
+    now = {"brand_new": 2, "log_every_steps": 5, "experiment.seeds": 5}
+    training, harmless = workdir.compare_configs(saved, now)
+    assert training == ["brand_new: 1 -> 2"]
+    assert harmless == ["experiment.seeds: 3 -> 5", "log_every_steps: 10 -> 5"]
