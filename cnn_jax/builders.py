@@ -99,7 +99,7 @@ def _total_steps(config, steps_per_epoch: int) -> int:
 
 def step_boundaries(bounds, total_steps: int) -> tuple[int, ...]:
     """Step numbers; fractions in (0, 1) are of the run's `total_steps` (He et al.'s 0.5, 0.75)."""
-    return tuple(round(b * total_steps) if isinstance(b, float) and b < 1 else int(b) for b in bounds)
+    return tuple(round(b * total_steps) if optim.is_fraction(b) else int(b) for b in bounds)
 
 
 def _make_optimizer(config, total_steps: int, model):

@@ -172,7 +172,7 @@ def check_optimisation(config):
     number_in(config, "aux_weight", 0.0)
     int_at_least(config, "seed", 0)
     bounds = tuple(config.step_boundaries)
-    fractions = all(isinstance(b, float) and 0 < b < 1 for b in bounds)
+    fractions = all(optim.is_fraction(b) for b in bounds)
     if not (fractions or all(_is_int(b) and b > 0 for b in bounds)) or list(bounds) != sorted(set(bounds)):
         _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. {0}, or "
                                          "fractions of the run in (0, 1), e.g. {1}",

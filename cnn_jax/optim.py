@@ -156,6 +156,12 @@ def current_learning_rate(opt_state) -> jax.Array:
 SCHEDULES = ("plateau", "constant", "step", "cosine")
 
 
+def is_fraction(bound) -> bool:
+    """Whether a step boundary is a fraction of the run (0.75: three quarters through) rather
+    than a step number; such a boundary moves when the run's length does."""
+    return isinstance(bound, float) and 0 < bound < 1
+
+
 def make_schedule(kind: str, base: float, *, total_steps: int = 0, boundaries=(),
                   factor: float = 0.1, warmup_steps: int = 0) -> float | Schedule:
     """'constant' and 'plateau' (constant here, dropped by `plateau_update`), 'step'

@@ -20,7 +20,7 @@ import pathlib
 import socket
 import tempfile
 
-from cnn_jax import config as config_lib
+from cnn_jax import config as config_lib, optim
 from cnn_jax.config import WORKDIR, Set, SettingError
 from cnn_jax.files import replaced_atomically
 
@@ -127,7 +127,7 @@ def _length_shaped(config: dict) -> bool:
     at fractions of the run (0.75 = three quarters through), which move when the length does."""
     if config.get("schedule") in LENGTH_SCHEDULES:
         return True
-    fractions = any(0 < b < 1 for b in config.get("step_boundaries") or ())
+    fractions = any(optim.is_fraction(b) for b in config.get("step_boundaries") or ())
     return config.get("schedule") == "step" and fractions
 
 

@@ -21,7 +21,7 @@ from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
 import cnn_jax
-from cnn_jax import checks, evaluate, parallel
+from cnn_jax import checks, evaluate, optim, parallel
 from cnn_jax.checkpoint import CheckpointError, newest_step
 from cnn_jax.config import Advice, ConfigError, Notation, SettingError
 from cnn_jax.models import list_models, model_defaults, variant_fields
@@ -41,7 +41,7 @@ def _schedule(c) -> str:
     name; either followed by its warm-up."""
     name = c.schedule
     if c.schedule == "step":
-        at = ", ".join(f"{b:.0%}" if 0 < b < 1 else f"step {b:g}" for b in c.step_boundaries)
+        at = ", ".join(f"{b:.0%}" if optim.is_fraction(b) else f"step {b:g}" for b in c.step_boundaries)
         name = f"step: x{c.lr_drop_factor:g} at {at}"
     return name + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
 
