@@ -10,7 +10,6 @@ that use the values (`optim.SCHEDULES`, `parallel.check_mesh`, ...); this module
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 import os
@@ -19,7 +18,7 @@ import re
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.config import ConfigError, Set
+from cnn_jax.config import ConfigError, Set, one_of, suggest
 from cnn_jax.data import augment, store
 from cnn_jax.models import abstract_variables, spec_of
 
@@ -55,11 +54,6 @@ def _listing(names, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _suggest(value, choices) -> str:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    return f"did you mean {close[0]}? " if close else ""
-
-
 def int_at_least(config, key: str, low: int, what: str = ""):
     """`key` is an integer >= low (`what` replaces the default wording)."""
     value = _get(config, key)
@@ -82,9 +76,7 @@ def number_in(config, key: str, low: float, high: float = math.inf, *, low_open=
 
 
 def choice(config, key: str, choices, what: str):
-    value = _get(config, key)
-    if value not in choices:
-        _fail(key, value, f"unknown {what}; {_suggest(value, choices)}choose one of {', '.join(map(str, choices))}")
+    one_of(key, _get(config, key), choices, what)
 
 
 def auto_eval_batch(step: int, limit: int = 0, target: int = EVAL_BATCH_TARGET) -> int:
@@ -105,7 +97,7 @@ def check_model(config):
     fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
     names = list_models()
     if name not in names:
-        _fail("model_name", name, f"unknown model; {_suggest(name, names)}choose one of {_listing(names, 50)}")
+        _fail("model_name", name, f"unknown model; {suggest(name, names)}choose one of {_listing(names, 50)}")
     if "num_classes" in fields:
         raise ConfigError("the class count comes from the dataset ({0}); remove num_classes from the "
                           "model's config", Set("dataset"), key="model.num_classes")
@@ -152,7 +144,7 @@ def check_dtype(key: str, value):
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        _fail(key, value, f"not a floating dtype; {_suggest(value, DTYPES)}use one of {', '.join(DTYPES)}")
+        _fail(key, value, f"not a floating dtype; {suggest(value, DTYPES)}use one of {', '.join(DTYPES)}")
 
 
 def check_optimisation(config):
@@ -327,7 +319,6 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_optimisation(config)
         check_length(config)
         check_cadence(config)
-        choice(config, "parallel", parallel.MODES, "parallel mode")
         data_axis = parallel.check_mesh(config.mesh, spec_of(model).towers, device_count, config.parallel,
                                         process_count, config.model_name)
         eval_batch = check_batches(config, data_axis, process_count)

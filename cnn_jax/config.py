@@ -16,6 +16,7 @@ composes their rules before any data is read.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 
@@ -97,6 +98,19 @@ class SettingError(Advice, ValueError):
 
 class ConfigError(SettingError):
     """A config value that cannot run, found before any data is read."""
+
+
+def suggest(value, choices) -> str:
+    """'did you mean X? ' for the choice closest to a mistyped `value`, else ''."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def one_of(key: str, value, choices, what: str, error: type[ConfigError] = ConfigError):
+    """`value` of `key` is one of `choices`; otherwise a one-line `error` suggesting the closest."""
+    if value not in choices:
+        raise error(f"unknown {what}; {suggest(value, choices)}choose one of {', '.join(map(str, choices))}",
+                    key=key, value=value)
 
 
 # What a resumed run may change. How a run is watched, stored or placed may change freely; the

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cnn_jax.config import ConfigError, Set
+from cnn_jax.config import ConfigError, Set, one_of
 from cnn_jax.data.augment import CROPS
 from cnn_jax.models import spec_of
 from cnn_jax.trees import path_name
@@ -46,8 +46,7 @@ def check_mesh(mesh: tuple, towers: int, device_count: int, mode: str = "jit", p
     holds the model's towers (1: not split), pmap runs one process with no towers. Returns the
     'data' axis size. `mesh=()` means all devices on 'data'."""
     mesh, named = tuple(mesh), f"model {model_name!r}" if model_name else "the model"
-    if mode not in MODES:
-        raise MeshError(f"unknown parallel mode; choose one of {', '.join(MODES)}", key="parallel", value=mode)
+    one_of("parallel", mode, MODES, "parallel mode", MeshError)
     if mesh and (len(mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in mesh)):
         typed = mesh[0] if len(mesh) == 1 and isinstance(mesh[0], str) else mesh  # 'abc' parses as ('abc',)
         raise MeshError("must be () or a (data, model) pair of positive integers, e.g. {0}",
@@ -95,8 +94,7 @@ def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.
     settings), 'auto' (jax.distributed.initialize() finds the cluster: SLURM, Open MPI,
     Kubernetes, Cloud TPU) or 'manual' (num_processes, process_id, coordinator_address, or
     JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS)."""
-    if mode not in DISTRIBUTED:
-        raise ConfigError(f"choose one of {', '.join(DISTRIBUTED)}", key="distributed", value=mode)
+    one_of("distributed", mode, DISTRIBUTED, "process launch")
     count = int(environ.get("JAX_NUM_PROCESSES", num_processes))
     coordinator = coordinator or environ.get("JAX_COORDINATOR_ADDRESS", "")
     cluster = detected_cluster(environ)

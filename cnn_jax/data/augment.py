@@ -11,7 +11,6 @@ The NumPy versions in `transforms` are the reference these are tested against.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from cnn_jax.config import ConfigError, Set
+from cnn_jax.config import ConfigError, Set, one_of
 from cnn_jax.layers import InputError
 
 CROPS = ("centre", "ten")  # the evaluations a Preprocessor offers: one centre crop, the paper's ten
@@ -129,10 +128,7 @@ def make_preprocessor(mean, eigenvalues, eigenvectors, *, input_size: int, flip:
 
 def check_normalize(normalize: str, channels: int):
     """A normalisation this preprocessor knows, for images of `channels` channels."""
-    if normalize not in NORMALIZATIONS:
-        close = difflib.get_close_matches(str(normalize), NORMALIZATIONS, n=1)
-        raise ConfigError(f"unknown input normalisation; {f'did you mean {close[0]}? ' if close else ''}choose "
-                          f"one of {', '.join(NORMALIZATIONS)}", key="normalize", value=normalize)
+    one_of("normalize", normalize, NORMALIZATIONS, "input normalisation")
     if normalize == "imagenet" and channels != 3:
         raise ConfigError("ImageNet's statistics are for RGB images, not {0}", Set("channels", channels),
                           key="normalize", value=normalize)
