@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnn_jax.config import WORKDIR, Advice
+from cnn_jax.config import WORKDIR, Advice, literal
 from cnn_jax.trees import path_name
 
 
@@ -86,8 +86,8 @@ class Checkpointer:
 
     def _save_error(self, step, err) -> CheckpointError:
         kept = sorted(s for s in self.manager.all_steps() if s != step)
-        return CheckpointError(f"saving checkpoint {step} to {self.directory} failed "
-                               f"({_reason(err)}); kept: {kept or 'none'}: free space or choose another "
+        return CheckpointError(f"saving checkpoint {step} to {literal(self.directory)} failed "
+                               f"({literal(_reason(err))}); kept: {kept or 'none'}: free space or choose another "
                                "{0}, then rerun", WORKDIR)
 
     def latest_step(self) -> int | None:
@@ -110,8 +110,8 @@ class Checkpointer:
                 continue
             differs = mismatch(shapes(metadata), wanted) if metadata is not None else ""
             if differs:
-                raise CheckpointError(f"checkpoint {self.directory}/{step} holds another model or "
-                                      f"optimiser ({differs}): use the run's own config, or another {{0}}",
+                raise CheckpointError(f"checkpoint {literal(self.directory)}/{step} holds another model or "
+                                      f"optimiser ({literal(differs)}): use the run's own config, or another {{0}}",
                                       WORKDIR)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
@@ -121,7 +121,7 @@ class Checkpointer:
             self._set_aside(damaged, set_aside)
             return restored["state"], step
         if damaged:
-            raise CheckpointError(f"no checkpoint in {self.directory} can be read (steps "
+            raise CheckpointError(f"no checkpoint in {literal(self.directory)} can be read (steps "
                                   f"{[s for s, _ in damaged]}); they are left untouched: move them away or "
                                   "choose another {0}", WORKDIR)
         return state, None

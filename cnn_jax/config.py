@@ -67,9 +67,15 @@ def show(value) -> str:
 WORKDIR = Set("workdir", argument=True)  # the run's folder: train_and_evaluate's argument, --workdir
 
 
+def literal(value) -> str:
+    """`value` (a path, a pattern, a config line) as text inside an `Advice`: its braces are
+    shown as they are, never read as a setting's `{N}`."""
+    return str(value).replace("{", "{{").replace("}", "}}")
+
+
 class Advice:
     """An error that names settings: `text` may name them as `{0}`, `{1}`, ... (given as `Set`s
-    after it; other braces are text); `key` (a config key, or a `Set`) and `value`, when given, lead the message.
+    after it; a user's value goes in through `literal`); `key` (a config key, or a `Set`) and `value`, when given, lead the message.
     `str()` is one line in Python's notation; `render(notation)` the same line in another (the
     command line's flags). Mixed into exceptions."""
 
@@ -81,8 +87,14 @@ class Advice:
         lead = self.key if isinstance(self.key, Set) else Set(self.key, self.value)
         head = f"{lead.render(notation, quote=False)}: " if self.key else ""  # the value as given
         named = [s.render(notation) for s in self.settings]
-        # only {0}, {1}, ... are settings: any other brace (a path, a regex) stays as it is
-        return head + re.sub(r"\{(\d+)\}", lambda m: named[int(m.group(1))], self.text)
+
+        def fill(match):  # {N}: the N-th setting; {{ and }}: a brace of a `literal` value
+            if match.group(1) is None:
+                return match.group(0)[0]
+            index = int(match.group(1))
+            return named[index] if index < len(named) else match.group(0)
+
+        return head + re.sub(r"\{\{|\}\}|\{(\d+)\}", fill, self.text)
 
     def __reduce__(self):  # picklable across processes despite the keyword arguments
         return _rebuild, (type(self), self.text, self.settings, self.key, self.value)

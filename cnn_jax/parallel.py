@@ -84,7 +84,7 @@ def detected_cluster(environ=os.environ) -> tuple[str, int] | None:
     """(launcher, task count) when this process is one task of a cluster launch (srun, mpirun)."""
     for name, (variables, count) in CLUSTERS.items():
         if all(v in environ for v in variables):
-            return name, int(environ[count])
+            return name, _whole(environ, count)
     return None
 
 
@@ -95,7 +95,7 @@ def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.
     Kubernetes, Cloud TPU) or 'manual' (num_processes, process_id, coordinator_address, or
     JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS)."""
     one_of("distributed", mode, DISTRIBUTED, "process launch")
-    count = int(environ.get("JAX_NUM_PROCESSES", num_processes))
+    count = _whole(environ, "JAX_NUM_PROCESSES", num_processes)
     coordinator = coordinator or environ.get("JAX_COORDINATOR_ADDRESS", "")
     cluster = detected_cluster(environ)
     if mode == "auto" or (mode == "detect" and count == 1 and cluster and cluster[1] > 1):
@@ -113,9 +113,9 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
     process that cannot join within `timeout` seconds raises a one-line `ConfigError` naming
     what it read, instead of waiting for ever."""
     how, count, coordinator = launch(mode, num_processes, coordinator, environ)
-    if how == "single":
+    if how == "single" or jax.distributed.is_initialized():  # one process runs several trainings
         return
-    process_id = int(environ.get("JAX_PROCESS_ID", process_id))
+    process_id = _whole(environ, "JAX_PROCESS_ID", process_id)
     if how == "auto":
         coordinator, process_id = _cluster_address(timeout)
     read = _read_variables(environ) if how == "auto" else f"coordinator {coordinator}, {count} processes"
@@ -165,6 +165,17 @@ def _reachable(address: str, timeout: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
+
+
+def _whole(environ, variable: str, default: int | None = None) -> int:
+    """An environment variable that must hold a whole number, as an int (else `default`)."""
+    text = environ.get(variable)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"${variable}={text!r} is not a whole number: fix it or unset it") from None
 
 
 def _read_variables(environ) -> str:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cnn_jax import builders, checks, evaluate, optim, parallel, transfer, viz
 from cnn_jax.checkpoint import CheckpointError, Checkpointer
-from cnn_jax.config import WORKDIR, Set
+from cnn_jax.config import WORKDIR, Set, literal
 from cnn_jax.data import pipeline
 from cnn_jax.signals import RunStopped, StopSignals
 from cnn_jax.steps import (TrainState, _plateau_arrays, all_finite, create_train_state, eval_step,  # noqa: F401
@@ -149,7 +149,7 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     state = run.runner.place_state(state)
     if config.eval_only:
         if resumed is None and not config.init_from:
-            raise CheckpointError(f"no checkpoint in {run.ckpt.directory}; train first, point {{0}} at a "
+            raise CheckpointError(f"no checkpoint in {literal(run.ckpt.directory)}; train first, point {{0}} at a "
                                   "run, or give weights with {1}", WORKDIR, Set("init_from"), key="eval_only")
         host = run.runner.host_state(state)
         return {"step": step, **run.evaluate(host),

@@ -22,7 +22,7 @@ import numpy as np
 
 from cnn_jax import weights
 from cnn_jax.checkpoint import newest_step, restore_as_numpy, shapes
-from cnn_jax.config import SettingError
+from cnn_jax.config import SettingError, literal
 from cnn_jax.models import spec_of
 
 
@@ -66,7 +66,7 @@ def describe_training(params, frozen: str, slow: str = "", slow_lr_scale: float 
             continue
         hit = [i for i, lab in enumerate(labels) if lab == label]
         if not hit:
-            raise TransferError(f"the pattern {pattern!r} matches no parameter; paths look like "
+            raise TransferError(f"the pattern {literal(repr(pattern))} matches no parameter; paths look like "
                                 f"{', '.join(names[:3])}")
         layers = sorted({_layer(names[i]) for i in hit})
         lines.append(f"{what}: {len(hit)} of {len(labels)} parameter arrays ({sum(sizes[i] for i in hit):,} of "

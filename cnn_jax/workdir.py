@@ -21,7 +21,7 @@ import socket
 import tempfile
 
 from cnn_jax import config as config_lib, optim
-from cnn_jax.config import WORKDIR, Set, SettingError
+from cnn_jax.config import WORKDIR, Set, SettingError, literal
 from cnn_jax.files import replaced_atomically
 
 CONFIG_FILE = "config.json"
@@ -75,7 +75,7 @@ def workdir_lock(workdir):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkdirError(f"another run ({_holder(path)}) is using {workdir}: wait for it or "
+            raise WorkdirError(f"another run ({_holder(path)}) is using {literal(workdir)}: wait for it or "
                                "choose another {0}", WORKDIR) from None
         handle.seek(0)
         handle.truncate()
@@ -167,12 +167,12 @@ def check_resume_config(config, workdir, *, allow_change: bool, write: bool = Tr
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise WorkdirError(f"{path} cannot be read ({err}): restore it, delete it to accept the "
+        raise WorkdirError(f"{literal(path)} cannot be read ({literal(err)}): restore it, delete it to accept the "
                            "current settings, or choose another {0}", WORKDIR) from None
     training, harmless = compare_configs(saved, now)
     if training and not allow_change:
         more = f" (+{len(training) - SHOWN} more)" if len(training) > SHOWN else ""
-        raise WorkdirError(f"was trained with other settings: {'; '.join(training[:SHOWN])}{more}: "
+        raise WorkdirError(f"was trained with other settings: {literal('; '.join(training[:SHOWN]))}{more}: "
                            "use the saved values, another {0}, or {1}", WORKDIR, Set("allow_config_change", True),
                            key=_given(workdir))
     if (training or harmless) and write:

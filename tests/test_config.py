@@ -47,3 +47,12 @@ def test_a_new_key_changes_what_is_trained_until_said_otherwise(tmp_path):
     training, harmless = workdir.compare_configs(saved, now)
     assert training == ["brand_new: 1 -> 2"]
     assert harmless == ["experiment.seeds: 3 -> 5", "log_every_steps: 10 -> 5"]
+
+
+def test_a_users_value_with_braces_is_shown_as_it_is():
+    """A freeze pattern or a path may hold '{1}': it is text, never a setting's placeholder."""
+    from cnn_jax.config import literal
+
+    err = ConfigError(f"the pattern {literal('^conv_{1}x')} matches nothing: set {{0}}", Set("freeze"))
+    assert str(err) == "the pattern ^conv_{1}x matches nothing: set config.freeze"
+    assert str(ConfigError("no setting {3} here")) == "no setting {3} here"  # not a crash either

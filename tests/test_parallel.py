@@ -213,3 +213,19 @@ def test_collectives_are_placed_on_the_mesh_by_position_not_device_id():
                          out_specs=P("data"))
     (op,) = comms.collectives(jax.jit(psum).lower(jnp.ones((8, 4))).compile().as_text())
     assert op.kind == "all-reduce" and comms.along(op, mesh, "model") and not comms.along(op, mesh, "data")
+
+
+def test_the_launch_reads_the_environment_or_says_what_is_wrong_in_it():
+    from cnn_jax.config import ConfigError
+
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+             "SLURM_LOCALID": "0"}
+    assert parallel.detected_cluster(slurm) == ("SLURM", 4)
+    assert parallel.launch("detect", environ=slurm) == ("auto", 4, "")
+    assert parallel.launch("detect", environ={**slurm, "SLURM_NTASKS": "1"}) == ("single", 1, "")
+    assert parallel.launch("manual", environ=slurm) == ("single", 1, "")
+    assert parallel.launch("detect", 2, "h:1", environ={}) == ("manual", 2, "h:1")
+    with pytest.raises(ConfigError, match=r"JAX_NUM_PROCESSES='two' is not a whole number"):
+        parallel.launch("detect", environ={"JAX_NUM_PROCESSES": "two"})
+    with pytest.raises(ConfigError, match=r"config.coordinator_address=HOST:PORT"):
+        parallel.launch("detect", 2, environ={})

@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnn_jax.config import SettingError, Set
+from cnn_jax.config import SettingError, Set, literal
 from cnn_jax.data import transforms
 
 WRITABLE = Set("data_dir", "<a writable folder>")
@@ -223,9 +223,9 @@ def _check_writable(data_dir: pathlib.Path):
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DatasetError(f"data dir {data_dir} cannot be made ({err.strerror}): set {{0}}", WRITABLE) from None
+        raise DatasetError(f"data dir {literal(data_dir)} cannot be made ({err.strerror}): set {{0}}", WRITABLE) from None
     if not os.access(data_dir, os.W_OK):
-        raise DatasetError(f"data dir {data_dir} is not writable: set {{0}}", WRITABLE)
+        raise DatasetError(f"data dir {literal(data_dir)} is not writable: set {{0}}", WRITABLE)
 
 
 def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
@@ -262,8 +262,8 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         except tfds.core.registered.DatasetNotFoundError as err:
             raise DatasetError(f"unknown dataset {name!r}: use 'digits' or a tensorflow-datasets name") from err
         if not builder.is_prepared():
-            hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=data_dir)
-            raise DatasetError(f"dataset {name!r} is not prepared in {data_dir} (no download is "
+            hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=literal(data_dir))
+            raise DatasetError(f"dataset {name!r} is not prepared in {literal(data_dir)} (no download is "
                                f"attempted): {hint}", Set("data_dir"))
     if split not in builder.info.splits:
         raise DatasetError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
