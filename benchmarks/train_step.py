@@ -45,23 +45,38 @@ def _stored_size(input_size: int) -> int:
     return 256 if input_size > 64 else input_size + 4
 
 
-def jax_case(name: str, batch: int, dtype: str):
-    """(step(), first-step seconds, peak bytes, forward multiply-adds per image) for cnn_jax."""
+def jax_state(name: str):
+    """(mesh, fresh train state) for `name`: one state serves its float32 and bfloat16 steps
+    (the mixed-precision models keep float32 parameters), so it is made once per model. The
+    mesh holds every device: the model's towers on 'model', the batch split over 'data'."""
+    import jax
+
+    from cnn_jax import optim, parallel, train
+    from cnn_jax.models import get_model, spec_of
+
+    model = get_model(name)
+    towers = spec_of(model).towers
+    mesh = parallel.make_mesh((jax.device_count() // towers, towers))
+    state = train.create_train_state(jax.random.key(0), model, optim.make_optimizer("paper_sgd", 0.01),
+                                     model.input_shape)
+    return mesh, state
+
+
+def jax_step(name: str, mesh, state, batch: int, dtype: str):
+    """(step(), sync(), first-step seconds, peak bytes, forward multiply-adds per image) of
+    cnn_jax's compiled train step on a copy of `state` (the step donates its state)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from cnn_jax import optim, parallel, summary, train
+    from cnn_jax import parallel, summary, train
     from cnn_jax.data import augment
     from cnn_jax.models import get_model
 
     model = get_model(name, **({"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}))
     size, channels = model.input_shape[0], model.input_shape[2]
     stored = _stored_size(size)
-    mesh = parallel.make_mesh((1, 2) if name in TWO_DEVICES else None)
-    tx = optim.make_optimizer("paper_sgd", 0.01)
-    state = train.create_train_state(jax.random.key(0), model, tx, model.input_shape)
-    state = state.replace(apply_fn=parallel.apply_fn(model, mesh))
+    state = jax.tree.map(jnp.copy, state).replace(apply_fn=parallel.apply_fn(model, mesh))
     runner = parallel.make_runner("jit", mesh, model, state, train.train_step, train.eval_step, batch)
     state = jax.device_put(state, runner.state_shardings)
     prep = augment.make_preprocessor(np.full((stored, stored, channels), 120.0), np.ones(channels),
@@ -88,6 +103,11 @@ def jax_case(name: str, batch: int, dtype: str):
 
     macs = summary.totals(summary.layer_table(model)).macs
     return step, sync, first, peak, macs
+
+
+def jax_case(name: str, batch: int, dtype: str):
+    """(step(), sync(), first-step seconds, peak bytes, forward multiply-adds per image)."""
+    return jax_step(name, *jax_state(name), batch, dtype)
 
 
 def torch_case(name: str, batch: int, dtype: str):

@@ -1,5 +1,6 @@
-"""Small configurations shared by the training tests."""
+"""Small configurations and the in-process command line, shared by the tests."""
 
+from experiments import _run
 from experiments.alexnet import get_config
 
 
@@ -14,3 +15,11 @@ def tiny_config(data_dir, **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def run_cli(args, tmp_path, capsys):
+    """(exit status, stdout, stderr) of `python -m experiments.alexnet ARGS`, in this process
+    (8 simulated devices), reading data only under tmp_path/data."""
+    status = _run.main(get_config, ["alexnet", *args, f"--config.data_dir={tmp_path / 'data'}"])
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -1,12 +1,15 @@
-"""`check_config`: every check raises one line that names the flag, before any data is read."""
+"""`check_config`: every check raises one line that names the flag, before any data is read;
+the same value given on the command line exits 2 with that line in flag form."""
 
 import math
+import re
 
 import pytest
 
 from cnn_jax import checks, optim, parallel
 from cnn_jax.checks import ConfigError, check_config
 from experiments import alexnet, googlenet, lenet, resnet, vgg
+from tests.helpers import run_cli
 
 
 def configured(get_config=alexnet.get_config, **overrides):
@@ -110,10 +113,26 @@ def test_auto_eval_batch_and_multiple_hint():
     (dict(process_id=1), ["config.process_id=1: must be in 0..0"]),
     (dict(parallel="xmap"), ["config.parallel=xmap: unknown parallel mode", "did you mean pmap?"]),
 ])
-def test_each_check_names_its_flag(overrides, needles):
+def test_each_check_names_its_flag(overrides, needles, tmp_path, capsys):
+    library_and_command_line(overrides, needles, tmp_path, capsys)
+
+
+def library_and_command_line(overrides, needles, tmp_path, capsys, typed=None):
+    """The library's one line holds `needles`; `--config.key=value` for the same values (as
+    `typed` spells them, else their str) exits 2 with one `error:` line holding them in flag
+    form, and reads and writes nothing."""
     text = message(**overrides)
     for needle in needles:
         assert needle in text
+    workdir = tmp_path / "run"
+    typed = {key: str(value) for key, value in overrides.items()} | (typed or {})
+    args = [f"--config.{key.replace('__', '.')}={value}" for key, value in typed.items()]
+    status, out, err = run_cli([*args, f"--workdir={workdir}"], tmp_path, capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert re.sub(r"(?<![-\w])config\.", "--config.", needle) in err, err
+    assert "Traceback" not in err + out
+    assert not (tmp_path / "data").exists() and not workdir.exists()  # nothing read, nothing written
 
 
 def test_model_name_unknown_suggests_the_closest():
@@ -150,18 +169,16 @@ def test_dtypes_must_be_floating_dtype_names(key):
     assert check_config(config, device_count=8, process_count=1).model[key] == "bfloat16"
 
 
-@pytest.mark.parametrize("mesh,devices,needles", [
-    (("abc",), 8, ["config.mesh=abc: must be () or a (data, model) pair", "config.mesh=(8, 1)"]),
-    ((1,), 8, ["config.mesh=(1,): must be ()"]),
-    ((0, 8), 8, ["config.mesh=(0, 8)"]),
-    ((3, 2), 8, ["config.mesh=(3, 2): needs 6 devices but 8 are available", "config.mesh=(8, 1)"]),
-    ((2, 2), 8, ["needs 4 devices but 8"]),
-    ((4, 2), 8, ["config.mesh=(4, 2): model 'alexnet' needs a 'model' axis of 1", "(8, 1)"]),
+@pytest.mark.parametrize("mesh,typed,needles", [
+    (("abc",), "abc", ["config.mesh=abc: must be () or a (data, model) pair", "config.mesh=(8, 1)"]),
+    ((1,), "(1,)", ["config.mesh=(1,): must be ()"]),
+    ((0, 8), "(0, 8)", ["config.mesh=(0, 8)"]),
+    ((3, 2), "(3, 2)", ["config.mesh=(3, 2): needs 6 devices but 8 are available", "config.mesh=(8, 1)"]),
+    ((2, 2), "(2, 2)", ["needs 4 devices but 8"]),
+    ((4, 2), "(4, 2)", ["config.mesh=(4, 2): model 'alexnet' needs a 'model' axis of 1", "(8, 1)"]),
 ])
-def test_mesh(mesh, devices, needles):
-    text = message(devices, mesh=mesh)
-    for needle in needles:
-        assert needle in text
+def test_mesh(mesh, typed, needles, tmp_path, capsys):
+    library_and_command_line(dict(mesh=mesh), needles, tmp_path, capsys, typed={"mesh": typed})
 
 
 def test_mesh_that_fits_sets_the_data_axis():

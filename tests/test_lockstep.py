@@ -183,7 +183,7 @@ def lockstep(name: str) -> list[dict]:
     net64, net32 = TorchSide(net64, torch.float64), TorchSide(_torch_net(name, state.params, variables, model)[0],
                                                              torch.float32)
     start = {k: np.asarray(v, np.float64) for k, v in to_torch(state.params).items()}
-    batches, rows = [], []
+    rows = []
     project = _project_steps(name, model, state)
     next(project)
     for batch, grads, loss64 in sequence(net64, shape):

@@ -1,0 +1,97 @@
+"""`python -m benchmarks.device` runs end to end on the CPU devices, its JSON holds what its
+definitions say, and its Markdown lands in its own section of the results file (speed itself
+is measured in `benchmarks/`, never asserted here)."""
+
+import json
+
+import pytest
+
+from benchmarks import device, device_report, train_loop
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One small run on the 8 simulated devices: LeNet-5 in both dtypes, its loop, its first
+    step cold and warm (the larger models' cases are the same code at another size)."""
+    tmp = tmp_path_factory.mktemp("device")
+    results = tmp / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nWritten by hand; kept.\n")
+    argv = ["--models", "lenet5", "--batches", "8", "--loop-models", "lenet5",
+            "--first-step-models", "lenet5", "--budget", "900", "--out", str(tmp / "device.json"),
+            "--results", str(results)]
+    assert device.main(argv) == 0
+    return json.loads((tmp / "device.json").read_text()), results.read_text()
+
+
+def test_every_case_is_measured(run):
+    report, _ = run
+    cases = {(r["model"], r["dtype"], r["batch"]) for r in report["steps"]}
+    assert cases == {("lenet5", d, 8) for d in ("float32", "bfloat16")}
+    assert report["skipped"] == []
+    for r in report["steps"]:
+        assert min(r["all"]) <= r["images_per_s"] <= max(r["all"]) and r["images_per_s"] > 0
+        assert r["first_step_s"] > 0 and r["peak_bytes"] > 0
+    assert [(r["model"], r["store"]) for r in report["loops"]] == [("lenet5", "raw"), ("lenet5", "jpeg")]
+    first = report["first_steps"][0]
+    assert first["model"] == "lenet5" and first["cold_s"] > 0 and first["warm_s"] > 0
+
+
+def test_derived_numbers_follow_their_definitions(run):
+    report, _ = run
+    lenet = [r for r in report["steps"] if r["model"] == "lenet5"]
+    # LeNet-5's forward multiply-adds by hand (as in test_benchmarks), and MFU on a CPU: of the
+    # matrix-product rate measured in the same run
+    by_hand = 28 * 28 * 6 * 26 + 14 * 14 * 6 + 10 * 10 * 1516 + 5 * 5 * 16 + 120 * 401 + 84 * 121
+    assert all(r["forward_macs_per_image"] == by_hand for r in lenet)
+    assert all("measured in this run" in r["mfu_of"] and 0 < r["mfu"] < 1 for r in report["steps"])
+    for loop in report["loops"]:
+        assert loop["loop_over_step"] == pytest.approx(loop["loop_images_per_s"] / loop["step_images_per_s"])
+        assert 0 <= loop["data_wait"] <= 1
+    needed = report["host"]["cores_needed"]["lenet5"]
+    assert needed["step_images_per_s"] == max(r["images_per_s"] for r in lenet)
+    per_core = report["host"]["per_core"][needed["store"]]
+    assert needed["store"] == "36x36x1"  # LeNet-5's 32x32 grey input, stored 4 pixels larger
+    assert needed["cores_jpeg"] == pytest.approx(needed["step_images_per_s"] / per_core["jpeg"])
+
+
+def test_markdown_shows_the_json_and_keeps_the_rest_of_the_file(run):
+    report, text = run
+    assert text.startswith("# Benchmark results\n\nWritten by hand; kept.\n")
+    assert text.count(device_report.HEADING) == 1
+    assert "<!-- benchmarks.device: 8 x cpu -->" in text
+    for r in report["steps"]:
+        assert f"| `{r['model']}` | {r['dtype']} | 8 | {device_report._rate(r['images_per_s'])} |" in text
+    assert "Goals:" not in text  # they are set for H100/H200 runs
+
+
+def test_a_device_kinds_section_is_replaced_and_others_kept(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    device_report.replace_section(path, "1 x A", "first A\n")
+    device_report.replace_section(path, "1 x B", "only B\n")
+    device_report.replace_section(path, "1 x A", "second A\n")
+    text = path.read_text()
+    assert "second A" in text and "first A" not in text and "only B" in text
+    assert text.count(device_report.HEADING) == 1 and text.index("second A") < text.index("only B")
+
+
+def test_out_of_budget_cases_are_listed_not_guessed():
+    budget = device.Budget(0)
+    assert not budget.allows("alexnet float32 batch 128")
+    assert budget.skipped == ["alexnet float32 batch 128"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "alexnet,lenet7"], "unknown model(s) ['lenet7']"),
+    (["--loop-models", "vgg16"], "--loop-models: unknown model(s) ['vgg16']"),
+    (["--batches", "128,x"], "must be comma-separated integers"),
+    (["--dtypes", "float16"], "unknown dtype(s) ['float16']"),
+])
+def test_bad_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        device.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_host_rates_name_each_store_format(data_dir):
+    rates = train_loop.host_rates(str(data_dir), size=36, channels=1, batch=8, batches=2)
+    assert set(rates) == {"raw", "jpeg"} and all(r > 0 for r in rates.values())
