@@ -36,7 +36,9 @@ import time
 
 from benchmarks import device_report, train_loop, train_step
 
-MODELS = ("alexnet", "resnet50", "vgg16", "googlenet", "lenet5", "alexnet_2tower")
+MODELS = ("lenet5", "alexnet", "alexnet_2tower", "resnet50", "vgg16", "googlenet")
+# The share of the budget by whose end each phase's last case must have started.
+SHARES = {"steps": 0.5, "loop": 0.8, "host": 0.9, "first_step": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Profile:
     rounds: int  # timings per case; the median is reported
     seconds: float  # about how long each timing lasts
     loop_models: tuple[str, ...]
+    loop_dtype: str
     loop_batch: int
     loop_steps: int
     first_step_models: tuple[str, ...]
@@ -54,10 +57,10 @@ class Profile:
 
 PROFILES = {
     "accelerator": Profile(batches=(128, 256), dtypes=("float32", "bfloat16"), rounds=3, seconds=1.0,
-                           loop_models=("alexnet", "resnet50"), loop_batch=256, loop_steps=240,
+                           loop_models=("alexnet", "resnet50"), loop_dtype="bfloat16", loop_batch=256, loop_steps=240,
                            first_step_models=("alexnet", "resnet50"), budget=450.0),
     "cpu": Profile(batches=(4,), dtypes=("float32", "bfloat16"), rounds=2, seconds=0.3, loop_models=("alexnet",),
-                   loop_batch=8, loop_steps=12, first_step_models=("alexnet",), budget=170.0),
+                   loop_dtype="float32", loop_batch=8, loop_steps=8, first_step_models=("alexnet",), budget=170.0),
 }
 
 # Dense peak FLOP/s per chip from NVIDIA's data sheets: (float32 as TF32, bfloat16), matched by
@@ -77,11 +80,13 @@ class Budget:
     is recorded with its one-line error and the run goes on: one device run measures all it can."""
 
     def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
+        self.start, self.seconds = time.monotonic(), seconds
         self.skipped: list[str] = []
 
-    def allows(self, case: str) -> bool:
-        if time.monotonic() < self.end:
+    def allows(self, case: str, share: float = 1.0) -> bool:
+        """Whether `case` may start: before `share` of the budget has passed (each phase has
+        its share, so that a slow first phase leaves the others their time)."""
+        if time.monotonic() < self.start + share * self.seconds:
             return True
         self.skipped.append(case)
         progress(f"out of time: skipping {case}")
@@ -108,11 +113,11 @@ def peak_flops(device_kind: str, platform: str, dtype: str, measured: float) -> 
 
 
 def time_step(step, sync, batch: int, rounds: int, seconds: float) -> list[float]:
-    """Images/s of `rounds` timings of about `seconds` each, after one warm step."""
-    sync(step())
+    """Images/s of `rounds` timings of about `seconds` each (at least one step), after a
+    step that sizes them (the compiled step's first run was the first-step timing)."""
     start = time.perf_counter()
     sync(step())
-    steps = max(2, round(seconds / max(time.perf_counter() - start, 1e-6)))
+    steps = max(1, round(seconds / max(time.perf_counter() - start, 1e-6)))
     return [train_step.images_per_second(step, sync, batch, steps) for _ in range(rounds)]
 
 
@@ -132,7 +137,7 @@ def step_cases(models, profile: Profile, budget: Budget) -> list[dict]:
         if train_step.devices_needed(name) > jax.device_count():
             budget.skipped.append(f"{name}: needs {train_step.devices_needed(name)} devices, one per tower")
             continue
-        if not budget.allows(f"{name}: every step case"):
+        if not budget.allows(f"{name}: every step case", SHARES["steps"]):
             continue
         progress(f"{name}: creating the train state")
         made = None
@@ -144,7 +149,7 @@ def step_cases(models, profile: Profile, budget: Budget) -> list[dict]:
         for dtype in profile.dtypes:
             for batch in profile.batches:
                 case = f"{name} {dtype} batch {batch}"
-                if not budget.allows(case):
+                if not budget.allows(case, SHARES["steps"]):
                     continue
                 progress(f"{case}: compiling")
                 with budget.failures(case):
@@ -168,10 +173,10 @@ def loop_config(name: str, dtype: str, store_format: str, profile: Profile, data
 def loop_cases(profile: Profile, budget: Budget, tmp: str) -> list[dict]:
     """The loop against the bare step, per model and store; the bare step once per model (it
     reads one batch, placed on the devices once: the store does not matter to it)."""
-    dtype = profile.dtypes[-1]
+    dtype = profile.loop_dtype
     rows = []
     for name in profile.loop_models:
-        if not budget.allows(f"{name}: the loop"):
+        if not budget.allows(f"{name}: the loop", SHARES["loop"]):
             continue
         progress(f"{name}: the bare step ({dtype}, batch {profile.loop_batch})")
         bare = None
@@ -181,7 +186,7 @@ def loop_cases(profile: Profile, budget: Budget, tmp: str) -> list[dict]:
         if bare is None:
             continue
         for store_format in ("raw", "jpeg"):
-            if not budget.allows(f"{name}: the loop from a {store_format} store"):
+            if not budget.allows(f"{name}: the loop from a {store_format} store", SHARES["loop"]):
                 continue
             progress(f"{name}: the loop from a {store_format} store ({profile.loop_steps} steps)")
             with budget.failures(f"{name}: the loop from a {store_format} store"):
@@ -205,7 +210,7 @@ def host_cases(models, steps: list[dict], budget: Budget, data_dir: str) -> dict
         sizes[name] = (train_step._stored_size(shape[0]), shape[2])
     rates = {}
     for size, channels in sorted(set(sizes.values())):
-        if budget.allows(f"host rates at {size}x{size}x{channels}"):
+        if budget.allows(f"host rates at {size}x{size}x{channels}", SHARES["host"]):
             progress(f"host: reading {size}x{size}x{channels} stores on one thread")
             with budget.failures(f"host rates at {size}x{size}x{channels}"):
                 rates[f"{size}x{size}x{channels}"] = train_loop.host_rates(data_dir, size=size, channels=channels)
@@ -227,7 +232,7 @@ def first_step_cases(profile: Profile, budget: Budget, tmp: str) -> list[dict]:
         cache = tempfile.mkdtemp(prefix=f"cache_{name}_", dir=tmp)
         row = {"model": name, "dtype": dtype, "batch": batch}
         for phase in ("cold", "warm"):
-            if not budget.allows(f"{name}: first step, {phase} cache"):
+            if not budget.allows(f"{name}: first step, {phase} cache", SHARES["first_step"]):
                 break
             progress(f"{name}: first step in a fresh process, {phase} cache")
             with budget.failures(f"{name}: first step, {phase} cache"):

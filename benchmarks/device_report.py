@@ -42,7 +42,7 @@ def _mb(n) -> str:
 
 
 def _cores(x: float) -> str:
-    return f"{x:.2f}" if x >= 0.01 else "< 0.01"
+    return f"{x:.2g}"
 
 
 def _rate(x: float) -> str:
@@ -81,6 +81,11 @@ def host_table(host: dict) -> list[str]:
               "|---|---:|---:|---:|"]
     for name, r in host["cores_needed"].items():
         lines.append(f"| `{name}` | {_rate(r['step_images_per_s'])} | {_cores(r['cores_raw'])} | {_cores(r['cores_jpeg'])} |")
+    rates = host["per_core"].get("256x256x3")
+    if rates:  # what the GPU goals would ask of this host, from its measured rates per core
+        at_goals = "; ".join(f"`{name}` at {goal:,} img/s: {_cores(goal / rates['raw'])} (raw), "
+                             f"{_cores(goal / rates['jpeg'])} (JPEG)" for name, goal in GOALS.items())
+        lines += ["", f"Cores this host would need at the H100/H200 goal rates: {at_goals}."]
     return lines
 
 

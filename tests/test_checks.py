@@ -130,7 +130,9 @@ def library_and_command_line(overrides, needles, tmp_path, capsys, typed=None):
     status, out, err = run_cli([*args, f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     for needle in needles:
-        assert re.sub(r"(?<![-\w])config\.", "--config.", needle) in err, err
+        flag = re.sub(r"(?<![-\w])config\.", "--config.", needle)
+        quoted = re.sub(r"(--config\.[\w.]+)=(\(.*?\))", r"\1='\2'", flag)  # a value to paste into a shell
+        assert flag in err or quoted in err, err
     assert "Traceback" not in err + out
     assert not (tmp_path / "data").exists() and not workdir.exists()  # nothing read, nothing written
 

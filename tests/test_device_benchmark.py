@@ -9,11 +9,16 @@ import pytest
 from benchmarks import device, device_report, train_loop
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def test_a_small_run_measures_every_case_and_reports_what_it_measured(tmp_path):
     """One small run on the 8 simulated devices: LeNet-5 in both dtypes, its loop, its first
     step cold and warm (the larger models' cases are the same code at another size)."""
-    tmp = tmp_path_factory.mktemp("device")
+    run = small_run(tmp_path)
+    every_case_is_measured(run)
+    derived_numbers_follow_their_definitions(run)
+    markdown_shows_the_json_and_keeps_the_rest_of_the_file(run)
+
+
+def small_run(tmp):
     results = tmp / "RESULTS.md"
     results.write_text("# Benchmark results\n\nWritten by hand; kept.\n")
     argv = ["--models", "lenet5", "--batches", "8", "--loop-models", "lenet5",
@@ -23,7 +28,7 @@ def run(tmp_path_factory):
     return json.loads((tmp / "device.json").read_text()), results.read_text()
 
 
-def test_every_case_is_measured(run):
+def every_case_is_measured(run):
     report, _ = run
     cases = {(r["model"], r["dtype"], r["batch"]) for r in report["steps"]}
     assert cases == {("lenet5", d, 8) for d in ("float32", "bfloat16")}
@@ -36,7 +41,7 @@ def test_every_case_is_measured(run):
     assert first["model"] == "lenet5" and first["cold_s"] > 0 and first["warm_s"] > 0
 
 
-def test_derived_numbers_follow_their_definitions(run):
+def derived_numbers_follow_their_definitions(run):
     report, _ = run
     lenet = [r for r in report["steps"] if r["model"] == "lenet5"]
     # LeNet-5's forward multiply-adds by hand (as in test_benchmarks), and MFU on a CPU: of the
@@ -54,7 +59,7 @@ def test_derived_numbers_follow_their_definitions(run):
     assert needed["cores_jpeg"] == pytest.approx(needed["step_images_per_s"] / per_core["jpeg"])
 
 
-def test_markdown_shows_the_json_and_keeps_the_rest_of_the_file(run):
+def markdown_shows_the_json_and_keeps_the_rest_of_the_file(run):
     report, text = run
     assert text.startswith("# Benchmark results\n\nWritten by hand; kept.\n")
     assert text.count(device_report.HEADING) == 1
@@ -77,7 +82,13 @@ def test_a_device_kinds_section_is_replaced_and_others_kept(tmp_path):
 def test_out_of_budget_cases_are_listed_not_guessed():
     budget = device.Budget(0)
     assert not budget.allows("alexnet float32 batch 128")
+    roomy = device.Budget(3600)
+    assert roomy.allows("the loop", 0.5) and not roomy.allows("a phase whose share has passed", 0.0)
+    with roomy.failures("resnet50 bfloat16 batch 256"):
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory\nallocating 1.2 GiB")
     assert budget.skipped == ["alexnet float32 batch 128"]
+    assert roomy.skipped == ["a phase whose share has passed",
+                             "resnet50 bfloat16 batch 256 failed (MemoryError: RESOURCE_EXHAUSTED: out of memory)"]
 
 
 @pytest.mark.parametrize("argv, message", [
