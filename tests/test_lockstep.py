@@ -96,28 +96,32 @@ class TorchSide:
     def gradients(self, batch, probe=0.0):
         """(gradients, loss) at the current weights, or at weights moved by w * probe * n."""
         params = list(self.net.parameters())
-        saved = [p.detach().clone() for p in params]
-        if probe:
-            gen = torch.Generator().manual_seed(99)
-            with torch.no_grad():
-                for p in params:
-                    p.mul_(1 + probe * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        saved = [p.detach().clone() for p in params] if probe else []
+        with torch.no_grad():
+            for p, n in zip(params, self.noise() if probe else []):
+                p.mul_(1 + probe * n)
         images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2)).to(self.dtype)
-        self.net.zero_grad()
+        self.net.zero_grad(set_to_none=True)  # the next backward writes new tensors: these stay ours
         loss = torch.nn.functional.cross_entropy(self.net(images), torch.from_numpy(batch["label"]).long())
         loss.backward()
-        grads = [p.grad.detach().clone() for p in params]
+        grads = [p.grad.detach() for p in params]
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         return grads, loss.item()
 
+    @functools.cache
+    def noise(self) -> list:
+        """One fixed standard normal draw per parameter (every probe moves the weights along it)."""
+        gen = torch.Generator().manual_seed(99)
+        return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in self.net.parameters()]
+
     def clear_of_ties(self, batch, grads) -> bool:
+        largest = [float(g.abs().max()) for g in grads]
+        scale = 1e-3 * max(largest)
         for sign in (1, -1):
             moved, _ = self.gradients(batch, sign * TIE_PROBE)
-            scale = 1e-3 * max(float(g.abs().max()) for g in grads)
-            if any(float((m - g).abs().max()) > TIE_JUMP * max(float(g.abs().max()), scale)
-                   for m, g in zip(moved, grads)):
+            if any(float((m - g).abs().max()) > TIE_JUMP * max(top, scale) for m, g, top in zip(moved, grads, largest)):
                 return False
         return True
 
@@ -162,10 +166,14 @@ def _project_steps(name, model, state):
         batch = yield jax.device_get(runner.host_state(state).params), float(stats["loss"])
 
 
-def distance(params: dict, reference: dict, start: dict) -> float:
-    """The worst layer's max |params - reference| over max |reference - start| (at least
+def displacement(reference: dict, start: dict) -> dict:
+    """Each layer's max |reference - start|: how far float64 has moved it."""
+    return {k: np.abs(reference[k] - start[k]).max() for k in reference}
+
+
+def distance(params: dict, reference: dict, moved: dict) -> float:
+    """The worst layer's max |params - reference| over its displacement `moved` (at least
     1e-3 of the model's largest displacement)."""
-    moved = {k: np.abs(reference[k] - start[k]).max() for k in reference}
     floor = 1e-3 * max(moved.values())
     return max(np.abs(params[k] - reference[k]).max() / max(moved[k], floor) for k in reference)
 
@@ -193,8 +201,9 @@ def lockstep(name: str) -> list[dict]:
         params, loss = project.send(batch)
         mine = {k: np.asarray(v, np.float64) for k, v in to_torch(params).items()}
         reference = net64.weights()
-        rows.append({"step": len(rows) + 1, "project": distance(mine, reference, start),
-                     "torch32": distance(net32.weights(), reference, start),
+        moved = displacement(reference, start)
+        rows.append({"step": len(rows) + 1, "project": distance(mine, reference, moved),
+                     "torch32": distance(net32.weights(), reference, moved),
                      "loss64": loss64, "loss_project": loss, "loss_torch32": loss32})
     return rows
 
