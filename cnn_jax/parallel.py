@@ -20,6 +20,8 @@ import functools
 import math
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -120,22 +122,45 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
         coordinator, process_id = _cluster_address(timeout)
     read = _read_variables(environ) if how == "auto" else f"coordinator {coordinator}, {count} processes"
 
-    def refuse(why: str):
-        raise ConfigError(f"this process could not join the others ({why}; read {read}): start "
-                          "every task, check that process 0's host is reachable, or raise {0}",
-                          Set("distributed_timeout"), key="distributed", value=mode) from None
+    def not_joined(why: str) -> ConfigError:
+        return ConfigError(f"this process could not join the others ({why}; read {read}): start "
+                           "every task, check that process 0's host is reachable, or raise {0}",
+                           Set("distributed_timeout"), key="distributed", value=mode)
 
     # XLA's client aborts the whole process when process 0 cannot be reached in time: look first.
     if process_id and coordinator and not _reachable(coordinator, timeout):
-        refuse(f"nothing answers at {coordinator} within {timeout} s")
+        raise not_joined(f"nothing answers at {coordinator} within {timeout} s")
+    # Process 0 waits for the others inside XLA, which aborts when they never come: a watchdog
+    # speaks first (XLA's own deadline is GRACE seconds later).
+    watchdog = _exit_with(not_joined(f"the {count} processes did not all join within {timeout} s"), after=timeout)
     try:
         if how == "auto":
-            jax.distributed.initialize(initialization_timeout=timeout)
+            jax.distributed.initialize(initialization_timeout=timeout + GRACE)
         else:
             jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=process_id,
-                                       initialization_timeout=timeout)
+                                       initialization_timeout=timeout + GRACE)
     except Exception as err:  # noqa: BLE001 - jax raises several kinds; all mean: did not join
-        refuse(str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+        raise not_joined(str(err).splitlines()[0][:200] if str(err) else type(err).__name__) from None
+    finally:
+        watchdog.cancel()
+
+
+GRACE = 30  # seconds XLA waits beyond distributed_timeout
+
+
+def _exit_with(error: Exception, after: float) -> threading.Timer:
+    """A timer that, unless cancelled within `after` seconds, prints `error` in one line and
+    ends the process with status 2: the main thread is then blocked inside XLA, where no
+    Python exception reaches it, and XLA's own end is an abort with a C++ stack."""
+
+    def expire():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(after, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _cluster_address(timeout: int) -> tuple[str, int]:

@@ -1,10 +1,15 @@
 """Test set-up: 8 simulated CPU devices for mesh tests (must precede the first JAX use)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("CNN_JAX_COMPILATION_CACHE", "")  # runs under test compile afresh (no ~/.cache writes)
+# The runs a test starts in a new process share one compilation cache for the session (the
+# same AlexNet programs recur in many of them), never ~/.cache; it goes when the session ends.
+if "CNN_JAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["CNN_JAX_COMPILATION_CACHE"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="cnn_jax_test_xla_")
 
 import pytest  # noqa: E402
 
@@ -17,3 +22,8 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     open_split("digits", "train", str(path))
     return path
+
+
+def pytest_unconfigure(config):
+    if "_SESSION_CACHE" in globals():  # this process made it (the workers inherit the variable)
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
