@@ -9,10 +9,10 @@ the two-tower AlexNet on (devices / 2, 2), skipped on one device):
    forward multiply-adds of `cnn_jax.summary` x images/s over the chip's dense peak for the
    dtype (float32 as TF32, JAX's default matrix precision on NVIDIA GPUs), or on a CPU over
    the matrix-product rate measured in the same run;
-2. the training loop (`train_and_evaluate`: logging, the data pipeline, a checkpoint at the end)
-   against its bare step, AlexNet and ResNet-50, from a raw and a JPEG store of the offline digits;
-3. the host side on one thread: images/s read (and decoded) from each store, and how many cores
+2. the host side on one thread: images/s read (and decoded) from each store, and how many cores
    each model's fastest step needs from each;
+3. the training loop (`train_and_evaluate`: logging, the data pipeline, a checkpoint at the end)
+   against its bare step, AlexNet and ResNet-50, from a raw and a JPEG store of the offline digits;
 4. time to first step in a fresh process, cold and then warm compilation cache;
 5. the devices' peak memory over the whole run, where the backend reports it.
 Cases run in that order until `--budget` seconds have passed; any left are listed as skipped,
@@ -38,7 +38,7 @@ from benchmarks import device_report, train_loop, train_step
 
 MODELS = ("lenet5", "alexnet", "alexnet_2tower", "resnet50", "vgg16", "googlenet")
 # The share of the budget by whose end each phase's last case must have started.
-SHARES = {"steps": 0.5, "loop": 0.8, "host": 0.9, "first_step": 1.0}
+SHARES = {"steps": 0.5, "host": 0.6, "loop": 0.85, "first_step": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ PROFILES = {
                            loop_models=("alexnet", "resnet50"), loop_dtype="bfloat16", loop_batch=256, loop_steps=240,
                            first_step_models=("alexnet", "resnet50"), budget=450.0),
     "cpu": Profile(batches=(4,), dtypes=("float32", "bfloat16"), rounds=2, seconds=0.3, loop_models=("alexnet",),
-                   loop_dtype="float32", loop_batch=8, loop_steps=8, first_step_models=("alexnet",), budget=170.0),
+                   loop_dtype="float32", loop_batch=8, loop_steps=16, first_step_models=("alexnet",), budget=160.0),
 }
 
 # Dense peak FLOP/s per chip from NVIDIA's data sheets: (float32 as TF32, bfloat16), matched by
@@ -166,7 +166,7 @@ def loop_config(name: str, dtype: str, store_format: str, profile: Profile, data
     config.store_format, config.model.dtype, config.compilation_cache = store_format, dtype, ""
     config.learning_rate = min(config.learning_rate, 1e-3)  # speed does not depend on it; this keeps the loss finite
     config.checkpoint_every_steps = profile.loop_steps  # one save, at the end, outside the timed windows
-    config.log_every_steps = max(1, profile.loop_steps // 6)  # the first window (compilation) is left out
+    config.log_every_steps = max(1, profile.loop_steps // 4)  # the first window (compilation) is left out
     return config
 
 
@@ -227,7 +227,7 @@ def host_cases(models, steps: list[dict], budget: Budget, data_dir: str) -> dict
 def first_step_cases(profile: Profile, budget: Budget, tmp: str) -> list[dict]:
     """Time to first step of a fresh process, cold and then warm cache (its own folder)."""
     rows = []
-    batch, dtype = profile.batches[0], profile.dtypes[-1]
+    batch, dtype = profile.batches[0], profile.loop_dtype
     for name in profile.first_step_models:
         cache = tempfile.mkdtemp(prefix=f"cache_{name}_", dir=tmp)
         row = {"model": name, "dtype": dtype, "batch": batch}
@@ -342,8 +342,8 @@ def main(argv=None) -> int:
     progress(f"{jax.device_count()} x {device.device_kind} ({device.platform}); budget {profile.budget:.0f} s")
     with tempfile.TemporaryDirectory() as tmp:
         steps = step_cases(models, profile, budget)
-        loops = loop_cases(profile, budget, tmp)
         host = host_cases(models, steps, budget, f"{tmp}/tfds")
+        loops = loop_cases(profile, budget, tmp)
         firsts = first_step_cases(profile, budget, tmp)
     measured = {d: train_step.matmul_rates(d).get("jax", float("nan")) for d in {r["dtype"] for r in steps}} \
         if device.platform == "cpu" else {}
