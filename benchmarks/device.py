@@ -1,22 +1,23 @@
 """What is worth measuring on a machine's accelerator in a few minutes, in one command.
 
-    python -m benchmarks.device [--models alexnet,resnet50] [--budget 480] [--results benchmarks/RESULTS.md]
+    python -m benchmarks.device [--models alexnet,resnet50] [--budget 450] [--results benchmarks/RESULTS.md]
 
 In one run, on all of the machine's devices of JAX's default backend (a (devices, 1) mesh;
-the two-tower AlexNet on (devices / 2, 2), skipped on one device):
+the two-tower AlexNet on (devices / 2, 2), which needs an even count of two or more):
 1. the train step of each model at float32 and bfloat16 and two batch sizes (global): images/s,
    the first step (trace, compile, run), XLA's peak memory for the step, and the MFU: 6 x the
-   forward multiply-adds of `cnn_jax.summary` x images/s over the chip's dense peak for the
-   dtype (float32 as TF32, JAX's default matrix precision on NVIDIA GPUs), or on a CPU over
-   the matrix-product rate measured in the same run;
+   forward multiply-adds of `cnn_jax.summary` x images/s over the dense peak of all the chips
+   for the dtype (float32 as TF32, JAX's default matrix precision on NVIDIA GPUs), or on a
+   CPU over the matrix-product rate measured in the same run;
 2. the host side on one thread: images/s read (and decoded) from each store, and how many cores
    each model's fastest step needs from each;
 3. the training loop (`train_and_evaluate`: logging, the data pipeline, a checkpoint at the end)
    against its bare step, AlexNet and ResNet-50, from a raw and a JPEG store of the offline digits;
 4. time to first step in a fresh process, cold and then warm compilation cache;
 5. the devices' peak memory over the whole run, where the backend reports it.
-Cases run in that order until `--budget` seconds have passed; any left are listed as skipped,
-never estimated. A CPU machine gets smaller batches and fewer cases (`PROFILES`). Writes
+A case starts only before its phase's share of `--budget` has passed (`SHARES`), so a run ends
+near its budget (a case under way finishes); cases left out, and cases that failed, are listed,
+never estimated. A CPU machine gets batch 4 and fewer cases (`PROFILES`). Writes
 benchmarks/out/device.json and replaces this device kind's section of `--results`.
 """
 
@@ -34,11 +35,15 @@ import sys
 import tempfile
 import time
 
-from benchmarks import device_report, train_loop, train_step
+from ml_collections import config_dict
 
+from benchmarks import device_report, train_loop, train_step
+from benchmarks.train_step import progress
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ("lenet5", "alexnet", "alexnet_2tower", "resnet50", "vgg16", "googlenet")
 # The share of the budget by whose end each phase's last case must have started.
-SHARES = {"steps": 0.5, "host": 0.6, "loop": 0.85, "first_step": 1.0}
+SHARES = {"steps": 0.5, "host": 1.0, "loop": 0.85, "first_step": 1.0}  # the host rates take seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +70,10 @@ PROFILES = {
 
 # Dense peak FLOP/s per chip from NVIDIA's data sheets: (float32 as TF32, bfloat16), matched by
 # a substring of `device.device_kind`, the first match winning.
-PEAK_FLOPS = (("H200", (494.7e12, 989.4e12)), ("H100 PCIe", (378e12, 756e12)), ("H100", (494.7e12, 989.4e12)),
-              ("A100", (156e12, 312e12)))
+PEAK_FLOPS = (("H200 NVL", (417.5e12, 835.5e12)), ("H200", (494.7e12, 989.4e12)), ("H100 NVL", (417.5e12, 835.5e12)),
+              ("H100 PCIe", (378e12, 756e12)), ("H100", (494.7e12, 989.4e12)), ("A100", (156e12, 312e12)))
 LOOP_EXPERIMENTS = {"alexnet": ("alexnet", {}), "lenet5": ("lenet", dict(model_name="lenet5")), "resnet50": ("resnet", dict(model_name="resnet50", input_size=224,
                                                                               resize_size=256))}
-
-
-def progress(message: str):
-    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Budget:
@@ -92,6 +93,9 @@ class Budget:
         progress(f"out of time: skipping {case}")
         return False
 
+    def left(self) -> float:
+        return self.start + self.seconds - time.monotonic()
+
     @contextlib.contextmanager
     def failures(self, case: str):
         try:
@@ -102,14 +106,15 @@ class Budget:
             progress(f"{case} failed: {line}")
 
 
-def peak_flops(device_kind: str, platform: str, dtype: str, measured: float) -> tuple[float, str]:
-    """(the peak rate an MFU is taken of, what it is)."""
+def peak_flops(device_kind: str, platform: str, dtype: str, measured: float, devices: int) -> tuple[float | None, str]:
+    """(the peak rate of all `devices` together an MFU is taken of, what it is); None for a
+    chip this table does not know."""
     for name, peaks in PEAK_FLOPS:
         if name in device_kind:
-            return peaks[dtype == "bfloat16"], f"{name} data sheet, dense"
+            return devices * peaks[dtype == "bfloat16"], f"{devices} x the {name} data sheet's dense peak"
     if platform == "cpu":
         return measured, "the matrix-product rate measured in this run"
-    return float("nan"), "unknown chip: no MFU"
+    return None, "unknown chip: no MFU"
 
 
 def time_step(step, sync, batch: int, rounds: int, seconds: float) -> list[float]:
@@ -163,6 +168,8 @@ def loop_config(name: str, dtype: str, store_format: str, profile: Profile, data
     experiment, overrides = LOOP_EXPERIMENTS[name]
     config = train_loop.make_config(experiment, {**overrides, "batch_size": profile.loop_batch}, profile.loop_steps,
                                     data_dir)
+    if "model_name" in overrides:  # the experiment's model fields are its own model's (resnet20_cifar's option A)
+        config.model = config_dict.ConfigDict(dict(dtype=dtype))
     config.store_format, config.model.dtype, config.compilation_cache = store_format, dtype, ""
     config.learning_rate = min(config.learning_rate, 1e-3)  # speed does not depend on it; this keeps the loss finite
     config.checkpoint_every_steps = profile.loop_steps  # one save, at the end, outside the timed windows
@@ -236,18 +243,20 @@ def first_step_cases(profile: Profile, budget: Budget, tmp: str) -> list[dict]:
                 break
             progress(f"{name}: first step in a fresh process, {phase} cache")
             with budget.failures(f"{name}: first step, {phase} cache"):
-                row[f"{phase}_s"] = first_step_in_child(name, batch, dtype, cache)
+                row[f"{phase}_s"] = first_step_in_child(name, batch, dtype, cache, max(budget.left(), 60))
+            if f"{phase}_s" not in row:
+                break  # a warm run after a failed cold one measures nothing
         if "cold_s" in row:
             rows.append(row)
     return rows
 
 
-def first_step_in_child(name: str, batch: int, dtype: str, cache: str) -> float:
+def first_step_in_child(name: str, batch: int, dtype: str, cache: str, timeout: float) -> float:
     cmd = [sys.executable, "-m", "benchmarks.device", "--first-step", name, "--batches", str(batch),
            "--dtypes", dtype, "--cache", cache]
     # this process holds most of a GPU's memory (JAX preallocates): the child takes only what it uses
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["no output"]
         raise RuntimeError(f"the child process exited {done.returncode}: {lines[-1]}")
@@ -273,10 +282,13 @@ def device_peak() -> int | None:
     return max(peaks) if peaks and None not in peaks else None
 
 
-def with_mfu(rows: list[dict], kind: str, platform: str, measured: dict) -> list[dict]:
+def with_mfu(rows: list[dict], kind: str, platform: str, measured: dict, devices: int) -> list[dict]:
+    """Each row's MFU: 6 x forward multiply-adds x images/s (backward ~ twice the forward) over
+    the peak rate, kept beside it."""
     for r in rows:
-        peak, source = peak_flops(kind, platform, r["dtype"], measured.get(r["dtype"], float("nan")))
-        r["mfu"], r["mfu_of"] = 6 * r["forward_macs_per_image"] * r["images_per_s"] / peak, source
+        peak, source = peak_flops(kind, platform, r["dtype"], measured.get(r["dtype"]), devices)
+        r["peak_flops"], r["mfu_of"] = peak, source
+        r["mfu"] = 6 * r["forward_macs_per_image"] * r["images_per_s"] / peak if peak else None
     return rows
 
 
@@ -295,12 +307,21 @@ def parse(argv):
     args = parser.parse_args(argv)
     for flag, value, known in (("--models", args.models, MODELS), ("--loop-models", args.loop_models, LOOP_EXPERIMENTS),
                                ("--first-step-models", args.first_step_models, MODELS)):
-        unknown = set(filter(None, (value or "").split(","))) - set(known)
+        unknown = set(names(value)) - set(known)
         if unknown:
             parser.error(f"{flag}: unknown model(s) {sorted(unknown)}: choose from {list(known)}")
-    bad = set(filter(None, args.dtypes.split(","))) - {"float32", "bfloat16"}
+    if not names(args.models):
+        parser.error(f"--models names none: choose from {list(MODELS)}")
+    bad = set(names(args.dtypes)) - {"float32", "bfloat16"}
     if bad:
         parser.error(f"unknown dtype(s) {sorted(bad)}: choose float32, bfloat16 or both")
+    for flag, path in (("--out", args.out), ("--results", args.results)):  # refused now, not after the run
+        target = pathlib.Path(path)
+        if flag == "--out":  # its folder is the benchmark's own (benchmarks/out is not committed)
+            with contextlib.suppress(OSError):
+                target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() or not os.access(target if target.exists() else target.parent, os.W_OK):
+            parser.error(f"{flag} {path}: not a writable file in an existing folder; choose another")
     try:
         batches = tuple(int(b) for b in filter(None, args.batches.split(",")))
     except ValueError:
@@ -310,16 +331,21 @@ def parse(argv):
     return args, batches
 
 
+def names(value: str | None) -> tuple[str, ...]:
+    """'a,b,' -> ('a', 'b')."""
+    return tuple(filter(None, (value or "").split(",")))
+
+
 def profile_for(platform: str, args, batches: tuple) -> Profile:
     profile = PROFILES["cpu" if platform == "cpu" else "accelerator"]
     changes = {"batches": batches} if batches else {}
-    if args.dtypes:
-        changes["dtypes"] = tuple(args.dtypes.split(","))
+    if names(args.dtypes):
+        changes["dtypes"] = names(args.dtypes)
     if args.budget:
         changes["budget"] = args.budget
     for field, value in (("loop_models", args.loop_models), ("first_step_models", args.first_step_models)):
         if value is not None:  # '' measures none
-            changes[field] = tuple(filter(None, value.split(",")))
+            changes[field] = names(value)
     return dataclasses.replace(profile, **changes)
 
 
@@ -329,14 +355,11 @@ def main(argv=None) -> int:
         print(json.dumps({"first_step_s": first_step(args.first_step, batches[0], args.dtypes, args.cache)}))
         return 0
     out, results = pathlib.Path(args.out), pathlib.Path(args.results)
-    for path in (out, results):  # refuse now what would otherwise fail after the whole run
-        if not os.access(path if path.exists() else path.parent if path.parent.exists() else ".", os.W_OK):
-            raise SystemExit(f"cannot write {path}: choose a writable path")
     import jax
 
     device = jax.devices()[0]
     profile = profile_for(device.platform, args, batches)
-    models = args.models.split(",")
+    models = names(args.models)
     budget = Budget(profile.budget)
     started = time.perf_counter()
     progress(f"{jax.device_count()} x {device.device_kind} ({device.platform}); budget {profile.budget:.0f} s")
@@ -352,7 +375,8 @@ def main(argv=None) -> int:
               "command": "python -m benchmarks.device " + " ".join(argv if argv is not None else sys.argv[1:]),
               "out": str(out),
               "profile": dataclasses.asdict(profile), "seconds": time.perf_counter() - started,
-              "steps": with_mfu(steps, device.device_kind, device.platform, measured), "loops": loops, "host": host,
+              "steps": with_mfu(steps, device.device_kind, device.platform, measured, jax.device_count()), "loops": loops,
+              "host": host,
               "first_steps": firsts, "device_peak_bytes": device_peak(), "skipped": budget.skipped}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -113,7 +113,8 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
                            timeout: int = 300, environ=os.environ):
     """`jax.distributed.initialize` when this run is one of several processes (see `launch`). A
     process that cannot join within `timeout` seconds raises a one-line `ConfigError` naming
-    what it read, instead of waiting for ever."""
+    what it read, instead of waiting for ever; process 0, held inside XLA while it waits for
+    the others, prints that line and exits with status 2 (XLA would abort it)."""
     how, count, coordinator = launch(mode, num_processes, coordinator, environ)
     if how == "single" or jax.distributed.is_initialized():  # one process runs several trainings
         return
@@ -132,7 +133,8 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
         raise not_joined(f"nothing answers at {coordinator} within {timeout} s")
     # Process 0 waits for the others inside XLA, which aborts when they never come: a watchdog
     # speaks first (XLA's own deadline is GRACE seconds later).
-    watchdog = _exit_with(not_joined(f"the {count} processes did not all join within {timeout} s"), after=timeout)
+    watchdog = _exit_with(not_joined(f"the {count or 'launched'} processes did not all join within {timeout} s"),
+                          after=timeout)
     try:
         if how == "auto":
             jax.distributed.initialize(initialization_timeout=timeout + GRACE)

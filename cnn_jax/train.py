@@ -190,11 +190,12 @@ def _train(run: Run, stack: contextlib.ExitStack) -> dict:
             result = run.evaluate(host)
             run.writer.write(step, {f"eval/{k}": v for k, v in result.items()})
             bar.write(_eval_line(step, result))
-            if step % run.eval_every == 0 and config.schedule == "plateau":  # the cadence alone drives
-                # the schedule, so a run cut short and resumed equals an uninterrupted one; other
-                # schedules keep training on the runner's state, never copied back from the host
-                state = run.runner.place_state(jax.device_put(_after_eval(host, result["top1_error"], config),
-                                                              run.runner.state_shardings))
+            if step % run.eval_every == 0:  # the cadence alone drives the schedule, so a run cut
+                # short and resumed equals an uninterrupted one
+                updated = _after_eval(host, result["top1_error"], config)
+                if updated is not host:  # the plateau rule's new state; any other schedule keeps
+                    # training on the runner's state, never copied back from the host
+                    state = run.runner.place_state(jax.device_put(updated, run.runner.state_shardings))
             clock.pause()
             log.restart()
         if run.ckpt.should_save(step) or step == run.total_steps:

@@ -6,8 +6,9 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The runs a test starts in a new process share one compilation cache for the session (the
-# same AlexNet programs recur in many of them), never ~/.cache; it goes when the session ends.
+# Runs under test (`train_and_evaluate`, in the workers and in the processes tests start) share
+# one compilation cache for the session, never ~/.cache: the same AlexNet programs recur in many
+# of them. It goes when the session ends.
 if "CNN_JAX_COMPILATION_CACHE" not in os.environ:
     os.environ["CNN_JAX_COMPILATION_CACHE"] = _SESSION_CACHE = tempfile.mkdtemp(prefix="cnn_jax_test_xla_")
 

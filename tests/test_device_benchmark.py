@@ -34,7 +34,7 @@ def every_case_is_measured(run):
     assert cases == {("lenet5", d, 8) for d in ("float32", "bfloat16")}
     assert report["skipped"] == []
     for r in report["steps"]:
-        assert min(r["all"]) <= r["images_per_s"] <= max(r["all"]) and r["images_per_s"] > 0
+        assert len(r["all"]) == 2 and all(x > 0 for x in r["all"])  # the CPU profile's two timings
         assert r["first_step_s"] > 0 and r["peak_bytes"] > 0
     assert [(r["model"], r["store"]) for r in report["loops"]] == [("lenet5", "raw"), ("lenet5", "jpeg")]
     first = report["first_steps"][0]
@@ -48,7 +48,9 @@ def derived_numbers_follow_their_definitions(run):
     # matrix-product rate measured in the same run
     by_hand = 28 * 28 * 6 * 26 + 14 * 14 * 6 + 10 * 10 * 1516 + 5 * 5 * 16 + 120 * 401 + 84 * 121
     assert all(r["forward_macs_per_image"] == by_hand for r in lenet)
-    assert all("measured in this run" in r["mfu_of"] and 0 < r["mfu"] < 1 for r in report["steps"])
+    for r in report["steps"]:  # 6 x the forward multiply-adds (backward ~ twice the forward) per image
+        assert "measured in this run" in r["mfu_of"] and 0 < r["mfu"] < 1
+        assert r["mfu"] == pytest.approx(6 * by_hand * r["images_per_s"] / r["peak_flops"])
     for loop in report["loops"]:
         assert loop["loop_over_step"] == pytest.approx(loop["loop_images_per_s"] / loop["step_images_per_s"])
         assert 0 <= loop["data_wait"] <= 1
@@ -93,14 +95,32 @@ def test_out_of_budget_cases_are_listed_not_guessed():
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "alexnet,lenet7"], "unknown model(s) ['lenet7']"),
+    (["--models", ","], "--models names none"),
     (["--loop-models", "vgg16"], "--loop-models: unknown model(s) ['vgg16']"),
     (["--batches", "128,x"], "must be comma-separated integers"),
-    (["--dtypes", "float16"], "unknown dtype(s) ['float16']"),
+    (["--batches", "0"], "--batches must be positive"),
+    (["--budget", "-1"], "--budget at least 0"),
+    (["--dtypes", "float16,"], "unknown dtype(s) ['float16']"),
+    (["--results", "benchmarks"], "--results benchmarks: not a writable file"),
+    (["--results", "no/such/folder/R.md"], "not a writable file in an existing folder"),
 ])
-def test_bad_arguments_are_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_one_line_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
         device.main(argv)
-    assert message in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()  # argparse: its usage, then one line of ours
+    assert exit_.value.code == 2 and lines[0].startswith("usage:") and message in lines[-1], lines
+    assert sum("error:" in line for line in lines) == 1
+
+
+def test_peak_rates_per_chip_and_machine():
+    """The data sheets' dense peaks, the most specific name first (an H100 NVL is not an SXM
+    H100), times the device count; a CPU's is the measured matrix-product rate."""
+    assert device.peak_flops("NVIDIA H100 80GB HBM3", "gpu", "bfloat16", None, 8)[0] == 8 * 989.4e12
+    assert device.peak_flops("NVIDIA H100 NVL", "gpu", "float32", None, 1)[0] == 417.5e12
+    assert device.peak_flops("NVIDIA H100 PCIe", "gpu", "bfloat16", None, 1)[0] == 756e12
+    assert device.peak_flops("NVIDIA H200", "gpu", "float32", None, 1)[0] == 494.7e12
+    assert device.peak_flops("cpu", "cpu", "float32", 93e9, 1) == (93e9, "the matrix-product rate measured in this run")
+    assert device.peak_flops("Some New Chip", "gpu", "float32", None, 1)[0] is None
 
 
 def test_host_rates_name_each_store_format(data_dir):
