@@ -17,7 +17,7 @@ def tiny_config(data_dir, **overrides):
     return config
 
 
-def run_cli(args, tmp_path, capsys):
+def cli_in_process(args, tmp_path, capsys):
     """(exit status, stdout, stderr) of `python -m experiments.alexnet ARGS`, in this process
     (8 simulated devices), reading data only under tmp_path/data."""
     status = _run.main(get_config, ["alexnet", *args, f"--config.data_dir={tmp_path / 'data'}"])

@@ -13,7 +13,7 @@ from cnn_jax.config import ConfigError, Set
 from cnn_jax.data.sources import DatasetError
 from cnn_jax.train import NonFiniteLossError, RunStopped
 from experiments import _run, alexnet
-from tests.helpers import run_cli
+from helpers import cli_in_process
 
 CASES = [  # (arguments, what the one line must contain)
     (["--config.num_epochs=0", "--config.num_train_steps=0"], "--config.num_train_steps"),
@@ -39,7 +39,7 @@ CASES = [  # (arguments, what the one line must contain)
 @pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(args) for args, _ in CASES])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, needle):
     workdir = tmp_path / "run"
-    status, out, err = run_cli([*args, f"--workdir={workdir}"], tmp_path, capsys)
+    status, out, err = cli_in_process([*args, f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err + out
@@ -49,7 +49,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, args, needle):
 def test_a_file_as_workdir_is_refused_and_untouched(tmp_path, capsys):
     target = tmp_path / "results.csv"
     target.write_text("a,b\n1,2\n")
-    status, _, err = run_cli(["--config.smoke=True", f"--workdir={target}"], tmp_path, capsys)
+    status, _, err = cli_in_process(["--config.smoke=True", f"--workdir={target}"], tmp_path, capsys)
     assert status == 2 and err == f"error: --workdir={target}: is a file, not a folder: choose another --workdir\n"
     assert target.read_text() == "a,b\n1,2\n" and not (tmp_path / "data").exists()
 
@@ -89,7 +89,7 @@ def test_exit_statuses_of_a_run(tmp_path, capsys, monkeypatch, raised, status, l
         raise raised
 
     monkeypatch.setattr(_run, "train_and_evaluate", train)
-    got, _, err = run_cli([f"--workdir={workdir}"], tmp_path, capsys)
+    got, _, err = cli_in_process([f"--workdir={workdir}"], tmp_path, capsys)
     resume = (f"the same command resumes from {workdir}/checkpoints/{saved} (step {saved})\n" if saved
               else f"no checkpoint in {workdir} yet: the same command starts over\n")
     assert (got, err) == (status, line.format(resume=resume))
@@ -218,7 +218,7 @@ def test_tiny_and_empty_datasets_are_one_line_and_keep_the_workdir(tmp_path, cap
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine")
-    status, out, err = run_cli([f"--config.dataset=folder:{tmp_path / 'photos'}", "--config.batch_size=8",
+    status, out, err = cli_in_process([f"--config.dataset=folder:{tmp_path / 'photos'}", "--config.batch_size=8",
                                  "--config.smoke=True", f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err + out and (workdir / "notes.txt").read_text() == "mine"

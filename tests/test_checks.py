@@ -9,7 +9,7 @@ import pytest
 from cnn_jax import checks, optim, parallel
 from cnn_jax.checks import ConfigError, check_config
 from experiments import alexnet, googlenet, lenet, resnet, vgg
-from tests.helpers import run_cli
+from helpers import cli_in_process
 
 
 def configured(get_config=alexnet.get_config, **overrides):
@@ -127,7 +127,7 @@ def library_and_command_line(overrides, needles, tmp_path, capsys, typed=None):
     workdir = tmp_path / "run"
     typed = {key: str(value) for key, value in overrides.items()} | (typed or {})
     args = [f"--config.{key.replace('__', '.')}={value}" for key, value in typed.items()]
-    status, out, err = run_cli([*args, f"--workdir={workdir}"], tmp_path, capsys)
+    status, out, err = cli_in_process([*args, f"--workdir={workdir}"], tmp_path, capsys)
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     for needle in needles:
         flag = re.sub(r"(?<![-\w])config\.", "--config.", needle)
