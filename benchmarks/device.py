@@ -72,8 +72,11 @@ PROFILES = {
 # a substring of `device.device_kind`, the first match winning.
 PEAK_FLOPS = (("H200 NVL", (417.5e12, 835.5e12)), ("H200", (494.7e12, 989.4e12)), ("H100 NVL", (417.5e12, 835.5e12)),
               ("H100 PCIe", (378e12, 756e12)), ("H100", (494.7e12, 989.4e12)), ("A100", (156e12, 312e12)))
-LOOP_EXPERIMENTS = {"alexnet": ("alexnet", {}), "lenet5": ("lenet", dict(model_name="lenet5")), "resnet50": ("resnet", dict(model_name="resnet50", input_size=224,
-                                                                              resize_size=256))}
+LOOP_EXPERIMENTS = {  # model: (experiment, its overrides)
+    "alexnet": ("alexnet", {}),
+    "lenet5": ("lenet", dict(model_name="lenet5")),
+    "resnet50": ("resnet", dict(model_name="resnet50", input_size=224, resize_size=256)),
+}
 
 
 class Budget:
@@ -211,22 +214,24 @@ def host_cases(models, steps: list[dict], budget: Budget, data_dir: str) -> dict
     fastest measured step needs."""
     from cnn_jax.models import get_model
 
-    sizes = {}
+    stores = {}  # model -> (stored side, channels)
     for name in models:
         shape = get_model(name).input_shape
-        sizes[name] = (train_step._stored_size(shape[0]), shape[2])
+        stores[name] = (train_step._stored_size(shape[0]), shape[2])
+    key = lambda size, channels: f"{size}x{size}x{channels}"  # noqa: E731
     rates = {}
-    for size, channels in sorted(set(sizes.values())):
-        if budget.allows(f"host rates at {size}x{size}x{channels}", SHARES["host"]):
-            progress(f"host: reading {size}x{size}x{channels} stores on one thread")
-            with budget.failures(f"host rates at {size}x{size}x{channels}"):
-                rates[f"{size}x{size}x{channels}"] = train_loop.host_rates(data_dir, size=size, channels=channels)
+    for size, channels in sorted(set(stores.values())):
+        case = f"host rates at {key(size, channels)}"
+        if budget.allows(case, SHARES["host"]):
+            progress(f"host: reading {key(size, channels)} stores on one thread")
+            with budget.failures(case):
+                rates[key(size, channels)] = train_loop.host_rates(data_dir, size=size, channels=channels)
     needed = {}
-    for name, (size, channels) in sizes.items():
+    for name, store in stores.items():
         fastest = max((r["images_per_s"] for r in steps if r["model"] == name), default=None)
-        per_core = rates.get(f"{size}x{size}x{channels}")
+        per_core = rates.get(key(*store))
         if fastest and per_core:
-            needed[name] = {"step_images_per_s": fastest, "store": f"{size}x{size}x{channels}",
+            needed[name] = {"step_images_per_s": fastest, "store": key(*store),
                             **{f"cores_{fmt}": fastest / rate for fmt, rate in per_core.items()}}
     return {"per_core": rates, "cores_needed": needed}
 

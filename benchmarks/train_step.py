@@ -31,13 +31,14 @@ import sys
 import time
 
 MODELS = ("alexnet", "alexnet_2tower", "resnet50", "vgg16", "googlenet", "lenet5")
-TWO_DEVICES = ("alexnet_2tower",)
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def devices_needed(name: str) -> int:
-    """Two simulated CPU devices for the two-tower split, one for every other model."""
-    return 2 if name in TWO_DEVICES else 1
+    """One device per tower the model declares (the two-tower split: two), else one."""
+    from cnn_jax.models import get_model, spec_of
+
+    return spec_of(get_model(name)).towers
 
 
 def _stored_size(input_size: int) -> int:
