@@ -106,6 +106,9 @@ def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.
         raise ConfigError(f"{count} processes need the HOST:PORT of process 0: set {{0}} (or "
                           "$JAX_COORDINATOR_ADDRESS), or start them with a cluster launcher (srun, mpirun)",
                           Set("coordinator_address", "HOST:PORT"))
+    if count > 1 and not re.fullmatch(r"\S+:\d+", coordinator):  # a port is what process 0 listens on
+        raise ConfigError("must be HOST:PORT of process 0, e.g. {0}", Set("coordinator_address", "10.0.0.1:1234"),
+                          key="coordinator_address", value=coordinator)
     return ("manual" if count > 1 else "single"), count, coordinator
 
 

@@ -229,3 +229,6 @@ def test_the_launch_reads_the_environment_or_says_what_is_wrong_in_it():
         parallel.launch("detect", environ={"JAX_NUM_PROCESSES": "two"})
     with pytest.raises(ConfigError, match=r"config.coordinator_address=HOST:PORT"):
         parallel.launch("detect", 2, environ={})
+    for address in ("myhost", "myhost:", "myhost:port"):  # a port to connect to, or one line saying so
+        with pytest.raises(ConfigError, match=rf"^config.coordinator_address={address}: must be HOST:PORT"):
+            parallel.launch("detect", 2, environ={"JAX_COORDINATOR_ADDRESS": address})
