@@ -53,34 +53,37 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.1%}"
 
 
+def _table(columns: list[str], left: int, rows: list[list[str]]) -> list[str]:
+    """A Markdown table: its first `left` columns aligned left, the numbers after them right."""
+    rule = "|".join(["---"] * left + ["---:"] * (len(columns) - left))
+    return [f"| {' | '.join(columns)} |", f"|{rule}|", *(f"| {' | '.join(cells)} |" for cells in rows)]
+
+
 def step_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | dtype | batch | img/s | first step | peak memory | MFU |", "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| `{r['model']}` | {r['dtype']} | {r['batch']} | {_rate(r['images_per_s'])} | "
-                     f"{r['first_step_s']:.1f} s | {_mb(r['peak_bytes'])} | {_pct(r['mfu'])} |")
+    lines = _table(["model", "dtype", "batch", "img/s", "first step", "peak memory per device", "MFU"], 2,
+                   [[f"`{r['model']}`", r["dtype"], str(r["batch"]), _rate(r["images_per_s"]), f"{r['first_step_s']:.1f} s",
+                     _mb(r["peak_bytes"]), _pct(r["mfu"])] for r in rows])
     if rows:
         lines.append(f"\nMFU of: {rows[0]['mfu_of']}. First step: trace, compile and run. Peak: XLA's buffer "
-                     "assignment for the step (arguments, outputs, temporaries, less donated buffers).")
+                     "assignment for the step on one device (arguments, outputs, temporaries, less donated buffers).")
     return lines
 
 
 def loop_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | store | dtype | batch | bare step img/s | loop img/s | loop ÷ step | data wait |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| `{r['model']}` | {r['store']} | {r['dtype']} | {r['batch']} | {_rate(r['step_images_per_s'])} | "
-                     f"{_rate(r['loop_images_per_s'])} | {r['loop_over_step']:.2f} | {r['data_wait']:.1%} |")
-    return lines
+    return _table(["model", "store", "dtype", "batch", "bare step img/s", "loop img/s", "loop ÷ step", "data wait"], 3,
+                  [[f"`{r['model']}`", r["store"], r["dtype"], str(r["batch"]), _rate(r["step_images_per_s"]),
+                    _rate(r["loop_images_per_s"]), f"{r['loop_over_step']:.2f}", f"{r['data_wait']:.1%}"] for r in rows])
 
 
 def host_table(host: dict) -> list[str]:
-    lines = ["| store | raw img/s per core | JPEG img/s per core |", "|---|---:|---:|"]
-    for size, rates in host["per_core"].items():
-        lines.append(f"| {size} | {_rate(rates['raw'])} | {_rate(rates['jpeg'])} |")
-    lines += ["", "| model | fastest step img/s | cores needed, raw store | cores needed, JPEG store |",
-              "|---|---:|---:|---:|"]
-    for name, r in host["cores_needed"].items():
-        lines.append(f"| `{name}` | {_rate(r['step_images_per_s'])} | {_cores(r['cores_raw'])} | {_cores(r['cores_jpeg'])} |")
+    lines = _table(["store", "raw img/s per core", "JPEG img/s per core"], 1,
+                   [[size, _rate(rates["raw"]), _rate(rates["jpeg"])] for size, rates in host["per_core"].items()])
+    lines += ["", *_table(["model", "fastest step img/s", "cores needed, raw store", "cores needed, JPEG store"], 1,
+                          [[f"`{name}`", _rate(r["step_images_per_s"]), _cores(r["cores_raw"]), _cores(r["cores_jpeg"])]
+                           for name, r in host["cores_needed"].items()])]
+    lines += ["", "The stores hold the offline digits: nearly flat images, whose JPEGs decode about twice as "
+              "fast as photos' (`python -m benchmarks.train_loop` times both), so the JPEG columns here are a "
+              "lower bound on the cores photos need."]
     rates = host["per_core"].get("256x256x3")
     if rates:  # what the GPU goals would ask of this host, from its measured rates per core
         at_goals = "; ".join(f"`{name}` at {goal:,} img/s: {_cores(goal / rates['raw'])} (raw), "
@@ -90,11 +93,9 @@ def host_table(host: dict) -> list[str]:
 
 
 def first_step_table(rows: list[dict]) -> list[str]:
-    lines = ["| model | dtype | batch | cold cache | warm cache |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        warm = f"{r['warm_s']:.1f} s" if "warm_s" in r else "skipped"
-        lines.append(f"| `{r['model']}` | {r['dtype']} | {r['batch']} | {r['cold_s']:.1f} s | {warm} |")
-    return lines
+    return _table(["model", "dtype", "batch", "cold cache", "warm cache"], 2,
+                  [[f"`{r['model']}`", r["dtype"], str(r["batch"]), f"{r['cold_s']:.1f} s",
+                    f"{r['warm_s']:.1f} s" if "warm_s" in r else "skipped"] for r in rows])
 
 
 def goals(report: dict) -> list[str]:
@@ -119,7 +120,7 @@ def markdown(report: dict) -> str:
     lines = [f"### {m['date']}: {section_key(report)} ({m['platform']})", "",
              f"Python {m['python']}, jax {m['jax']}, flax {m['flax']}, {m['cpus']} host cores. Command: "
              f"`{report['command'].strip()}` ({report['seconds']:.0f} s; JSON: `{report['out']}`). Each rate: the "
-             f"median of {report['profile']['rounds']} timings.", "",
+             f"median of {report['profile']['rounds']} timings in the step table, one timing elsewhere.", "",
              "**The train step** (global batch over all devices):", "", *step_table(report["steps"]), "",
              "**The training loop against its bare step** (the offline digits, stored at the model's size):", "",
              *loop_table(report["loops"]), "",
