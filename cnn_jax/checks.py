@@ -4,26 +4,25 @@ A typo should cost a second, not a dataset load and a compile: `check_config` ra
 `ConfigError` that names the key, its value and the fix in one line, and returns a copy with
 the derived values filled in (`eval_batch_size=0`: auto). It is idempotent, so both the
 command line and `train_and_evaluate` may call it. The rules themselves belong to the modules
-that use the values (`optim.SCHEDULES`, `parallel.check_mesh`, ...); this module composes them.
+that use the values (`optim.SCHEDULES`, `parallel.check_mesh`, ...), and a plain value's range
+to `config.RULES` beside its default; this module composes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 import re
 
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.config import ConfigError, Set, one_of, suggest
+from cnn_jax.config import ConfigError, Set, check_plain, is_int, one_of, suggest
 from cnn_jax.data import augment, store
 from cnn_jax.models import abstract_variables, spec_of
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-CHANNELS = (1, 3)
 EVAL_BATCH_TARGET = 50  # the auto eval batch: the smallest valid size at least this large
 SHOWN = 3  # items listed in full in a message; the rest are counted
 
@@ -40,39 +39,10 @@ def _fail(key: str, value, why: str, *settings: Set):
     raise ConfigError(why, *settings, key=key, value=value)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _listing(names, limit: int = 20) -> str:
     names = list(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def int_at_least(config, key: str, low: int, what: str = ""):
-    """`key` is an integer >= low (`what` replaces the default wording)."""
-    value = _get(config, key)
-    if not _is_int(value) or value < low:
-        _fail(key, value, what or ("must be a positive integer" if low == 1 else
-                                   f"must be an integer >= {low}"))
-
-
-def number_in(config, key: str, low: float, high: float = math.inf, *, low_open=False,
-              high_open=True, what: str = ""):
-    """`key` is a finite number in the interval; NaN and infinities are always errors."""
-    value = _get(config, key)
-    ok = (_is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low)
-          and (value < high if high_open else value <= high))
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        span = f"> {low:g}" if high == math.inf and low_open else (
-            f">= {low:g}" if high == math.inf else f"in {left}{low:g}, {high:g}{right}")
-        _fail(key, value, what or f"must be a finite number {span}")
 
 
 def choice(config, key: str, choices, what: str):
@@ -154,18 +124,9 @@ def check_optimisation(config):
         optim.decay_mask(config.decay_mask)
     except ValueError:
         choice(config, "decay_mask", ("all", "kernels"), "weight-decay mask")
-    number_in(config, "learning_rate", 0.0, low_open=True)
-    number_in(config, "momentum", 0.0, 1.0)
-    number_in(config, "weight_decay", 0.0)
-    number_in(config, "lr_drop_factor", 0.0, 1.0, low_open=True, high_open=False)
-    int_at_least(config, "plateau_patience", 1)
-    int_at_least(config, "plateau_max_drops", 0)
-    int_at_least(config, "warmup_steps", 0)
-    number_in(config, "aux_weight", 0.0)
-    int_at_least(config, "seed", 0)
     bounds = tuple(config.step_boundaries)
     fractions = all(optim.is_fraction(b) for b in bounds)
-    if not (fractions or all(_is_int(b) and b > 0 for b in bounds)) or list(bounds) != sorted(set(bounds)):
+    if not (fractions or all(is_int(b) and b > 0 for b in bounds)) or list(bounds) != sorted(set(bounds)):
         _fail("step_boundaries", bounds, "must be increasing positive step numbers, e.g. {0}, or "
                                          "fractions of the run in (0, 1), e.g. {1}",
               Set("step_boundaries", (30000, 60000)), Set("step_boundaries", (0.5, 0.75)))
@@ -176,47 +137,28 @@ def check_optimisation(config):
 
 def check_length(config):
     """num_train_steps wins when > 0; otherwise num_epochs must be positive."""
-    int_at_least(config, "num_train_steps", 0)
-    number_in(config, "num_epochs", 0.0)
     if config.num_train_steps == 0 and config.num_epochs <= 0:
         _fail("num_epochs", config.num_epochs, "must be > 0, or set {0} to a positive number of steps",
               Set("num_train_steps"))
 
 
-def check_cadence(config):
-    """Logging, evaluation and checkpoint intervals (0 where it means 'default')."""
-    int_at_least(config, "log_every_steps", 1)
-    int_at_least(config, "checkpoint_every_steps", 1)
-    int_at_least(config, "keep_checkpoints", 1, "must be an integer >= 1 (checkpoints kept)")
-    int_at_least(config, "eval_every_steps", 0, "must be an integer >= 0 (0: once per epoch)")
-    int_at_least(config, "eval_limit", 0, "must be an integer >= 0 (0: the whole split)")
-
-
 def check_data(config):
-    for key in ("dataset", "train_split", "eval_split"):
-        if not isinstance(_get(config, key), str) or not _get(config, key):
-            _fail(key, _get(config, key), "must be a non-empty name")
-    int_at_least(config, "input_size", 1)
-    int_at_least(config, "resize_size", 1)
+    """How images are resized, normalised and stored."""
     if config.resize_size < config.input_size:
         _fail("resize_size", config.resize_size, "must be >= {0} (crops are cut from the resized image)",
               Set("input_size", config.input_size))
-    choice(config, "channels", CHANNELS, "channel count (1: grey, 3: RGB)")
     augment.check_normalize(config.normalize, config.channels)
     choice(config, "store_format", store.FORMATS, "store format")
-    number_in(config, "pca_noise", 0.0)
-    int_at_least(config, "workers", 0, "must be an integer >= 0 (0: auto, one per core)")
 
 
 def check_transfer(config, model):
     """Class subsets, the weights to start from (a weights file needs a model with a
     torchvision layout), and what to freeze."""
     classes = tuple(config.classes)
-    if classes and (not all(_is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes)
+    if classes and (not all(is_int(c) and c >= 0 for c in classes) or len(set(classes)) != len(classes)
                     or len(classes) < 2):
         _fail("classes", classes, "must be two or more distinct class numbers, e.g. {0}",
               Set("classes", (5, 6, 7, 8, 9)))
-    int_at_least(config, "train_per_class", 0, "must be an integer >= 0 (0: every image)")
     if config.init_from and not os.path.exists(config.init_from):
         _fail("init_from", config.init_from, "no such file or folder: give a .pth, .pt or .safetensors file, or a "
                                              "run's workdir")
@@ -225,10 +167,6 @@ def check_transfer(config, model):
         re.compile(config.freeze)
     except re.error as err:
         _fail("freeze", config.freeze, f"not a regular expression ({err}); e.g. {{0}}", Set("freeze", "^conv"))
-    for key in ("head_only", "new_head"):
-        if not isinstance(config[key], bool):
-            _fail(key, config[key], "must be True or False")
-    number_in(config, "backbone_lr_scale", 0.0, low_open=True)
     if config.head_only and config.backbone_lr_scale != 1.0:
         _fail("backbone_lr_scale", config.backbone_lr_scale, "has no effect with {0} (the backbone is "
                                                              "frozen): drop one of the two", Set("head_only", True))
@@ -287,9 +225,7 @@ def class_count(config, available: int) -> int:
 def check_processes(config):
     """The multi-process settings, checked before `jax.distributed` is started with them."""
     choice(config, "distributed", parallel.DISTRIBUTED, "process launch")
-    int_at_least(config, "distributed_timeout", 1, "must be a positive number of seconds")
-    int_at_least(config, "num_processes", 1)
-    if not _is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
+    if not is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
         _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} ({{0}})",
               Set("num_processes", config.num_processes))
 
@@ -297,9 +233,7 @@ def check_processes(config):
 def check_batches(config, data_axis: int, process_count: int) -> int:
     """batch_size and eval_batch_size split evenly over the data axis and the processes;
     returns the eval batch size (0 in the config: auto)."""
-    int_at_least(config, "batch_size", 1)
     parallel.check_batch(config.batch_size, data_axis, process_count)
-    int_at_least(config, "eval_batch_size", 0, "must be an integer >= 0 (0: auto)")
     if config.eval_batch_size == 0:
         return auto_eval_batch(math.lcm(data_axis, process_count), config.eval_limit)
     parallel.check_batch(config.eval_batch_size, data_axis, process_count, key="eval_batch_size",
@@ -311,6 +245,7 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
     """Every check, in the order a user reads the flags; returns a checked copy with
     `eval_batch_size` filled in. Raises `ConfigError` (one line) on the first problem."""
     try:
+        check_plain(config)
         check_processes(config)
         model = check_model(config)
         check_data(config)
@@ -318,7 +253,6 @@ def check_config(config, *, device_count: int, process_count: int) -> ml_collect
         check_transfer(config, model)
         check_optimisation(config)
         check_length(config)
-        check_cadence(config)
         data_axis = parallel.check_mesh(config.mesh, spec_of(model).towers, device_count, config.parallel,
                                         process_count, config.model_name)
         eval_batch = check_batches(config, data_axis, process_count)

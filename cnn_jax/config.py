@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
 import re
 
@@ -199,3 +201,99 @@ def defaults() -> config_dict.ConfigDict:
     c.num_processes = 1
     c.process_id = 0
     return c
+
+
+# ---- what a plain value must be ------------------------------------------------------------
+# A key whose rule needs nothing but its own value (a range, a yes/no, a fixed set) has the rule
+# here, beside its default; `check_plain` applies them all. Rules that depend on the model, the
+# data or the devices belong to the module that uses the value, and `checks.check_config`
+# composes those.
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """An integer >= low; `what` replaces the default wording."""
+
+    low: int
+    what: str = ""
+
+    def __call__(self, key: str, value):
+        if not is_int(value) or value < self.low:
+            raise ConfigError(self.what or ("must be a positive integer" if self.low == 1 else
+                                            f"must be an integer >= {self.low}"), key=key, value=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Within:
+    """A finite number in [low, high) (ends open or closed as given); NaN and infinities never."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __call__(self, key: str, value):
+        if not (is_number(value) and math.isfinite(value) and (value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high)):
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            span = (f"> {self.low:g}" if self.high == math.inf and self.low_open else f">= {self.low:g}"
+                    if self.high == math.inf else f"in {left}{self.low:g}, {self.high:g}{right}")
+            raise ConfigError(f"must be a finite number {span}", key=key, value=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values; `what` names the set in the message."""
+
+    choices: tuple
+    what: str
+
+    def __call__(self, key: str, value):
+        one_of(key, value, self.choices, self.what)
+
+
+def yes_no(key: str, value):
+    if not isinstance(value, bool):
+        raise ConfigError("must be True or False", key=key, value=value)
+
+
+def non_empty(key: str, value):
+    if not isinstance(value, str) or not value:
+        raise ConfigError("must be a non-empty name", key=key, value=value)
+
+
+POSITIVE, NON_NEGATIVE = Within(0.0, low_open=True), Within(0.0)
+RULES = {
+    "dataset": non_empty, "train_split": non_empty, "eval_split": non_empty,
+    "input_size": AtLeast(1), "resize_size": AtLeast(1),
+    "channels": OneOf((1, 3), "channel count (1: grey, 3: RGB)"),
+    "flip": yes_no, "pca_noise": NON_NEGATIVE,
+    "workers": AtLeast(0, "must be an integer >= 0 (0: auto, one per core)"),
+    "train_per_class": AtLeast(0, "must be an integer >= 0 (0: every image)"),
+    "head_only": yes_no, "new_head": yes_no, "backbone_lr_scale": POSITIVE,
+    "learning_rate": POSITIVE, "momentum": Within(0.0, 1.0), "weight_decay": NON_NEGATIVE,
+    "lr_drop_factor": Within(0.0, 1.0, low_open=True, high_open=False),
+    "plateau_patience": AtLeast(1), "plateau_max_drops": AtLeast(0), "warmup_steps": AtLeast(0),
+    "aux_weight": NON_NEGATIVE, "seed": AtLeast(0),
+    "batch_size": AtLeast(1), "num_train_steps": AtLeast(0), "num_epochs": NON_NEGATIVE,
+    "eval_batch_size": AtLeast(0, "must be an integer >= 0 (0: auto)"),
+    "eval_every_steps": AtLeast(0, "must be an integer >= 0 (0: once per epoch)"),
+    "eval_limit": AtLeast(0, "must be an integer >= 0 (0: the whole split)"),
+    "eval_only": yes_no, "log_every_steps": AtLeast(1), "checkpoint_every_steps": AtLeast(1),
+    "keep_checkpoints": AtLeast(1, "must be an integer >= 1 (checkpoints kept)"),
+    "smoke": yes_no, "allow_config_change": yes_no,
+    "distributed_timeout": AtLeast(1, "must be a positive number of seconds"), "num_processes": AtLeast(1),
+}
+
+
+def check_plain(config):
+    """Every key of `RULES` against its rule, in the table's order (about that of `defaults()`)."""
+    for key, rule in RULES.items():
+        rule(key, config[key])

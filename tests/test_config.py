@@ -2,6 +2,8 @@
 
 import pickle
 
+import pytest
+
 from cnn_jax import config as config_lib, workdir
 from cnn_jax.config import ConfigError, Set, SettingError
 from experiments._run import FLAGS
@@ -37,6 +39,30 @@ def test_the_resume_rules_name_only_keys_of_the_schema():
     keys = set(config_lib.defaults().keys())
     for group in (config_lib.WATCHING, config_lib.LENGTH, config_lib.NOT_RECORDED):
         assert group <= keys, group - keys
+
+
+def test_every_plain_rule_is_of_a_key_and_accepts_its_default():
+    """A rule for a key `defaults()` lacks would fail every run; one its default breaks, every
+    run that keeps the default."""
+    c = config_lib.defaults()
+    assert set(config_lib.RULES) <= set(c.keys()), set(config_lib.RULES) - set(c.keys())
+    config_lib.check_plain(c)
+
+
+@pytest.mark.parametrize("key, bad, said", [("learning_rate", 0.0, "must be a finite number > 0"),
+                                            ("momentum", 1.0, "in [0, 1)"), ("lr_drop_factor", 0.0, "in (0, 1]"),
+                                            ("num_epochs", float("nan"), ">= 0"), ("seed", -1, "integer >= 0"),
+                                            ("batch_size", 2.0, "positive integer"), ("flip", 1, "True or False"),
+                                            ("channels", 2, "choose one of 1, 3"),
+                                            ("dataset", "", "non-empty name")])
+def test_a_plain_rule_names_its_key_value_and_range(key, bad, said):
+    c = config_lib.defaults()
+    with c.ignore_type():
+        c[key] = bad
+    with pytest.raises(ConfigError) as caught:
+        config_lib.check_plain(c)
+    assert caught.value.key == key and str(caught.value).startswith(f"config.{key}={bad}: ")
+    assert said in str(caught.value)
 
 
 def test_a_new_key_changes_what_is_trained_until_said_otherwise(tmp_path):
