@@ -254,9 +254,12 @@ def jit(fun: Callable, **kwargs) -> Callable:
 
 
 def use_compilation_cache(directory: str) -> str:
-    """Keeps compiled programs of more than a second's compile in `directory` (created), so that
-    a repeated or resumed run skips compiling them; '' turns the cache off. JAX settles this at
-    its first compilation in a process: call it before anything compiles. Returns the folder."""
+    """Keeps every compiled program in `directory` (created), so that a repeated or resumed run
+    skips compiling them; '' turns the cache off. Every program, not only those of a second's
+    compile or more (JAX's default): initialising a model runs dozens of small ones, each
+    compiled on its own, and together they take longer than the train step's compile (AlexNet at
+    67x67: 17.8 s a warm run with JAX's default, 10.7 s with all). JAX settles this at its first
+    compilation in a process: call it before anything compiles. Returns the folder."""
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
         return ""
@@ -268,6 +271,7 @@ def use_compilation_cache(directory: str) -> str:
                           "compile afresh", key="compilation_cache", value=directory) from None
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 
