@@ -5,8 +5,10 @@ from experiments.alexnet import get_config
 
 
 def tiny_config(data_dir, **overrides):
-    """AlexNet on digits at 67x67 (the smallest input near 64 that its geometry allows)."""
+    """AlexNet on digits at 67x67 (the smallest input near 64 that its geometry allows), with
+    256-unit fc6/fc7: 3.9M parameters rather than 21.6M, checkpoints of 31 MB rather than 173."""
     config = get_config()
+    config.model.fc_units = 256
     config.data_dir = str(data_dir)
     config.input_size, config.resize_size = 67, 72
     config.batch_size, config.eval_batch_size = 8, 16
