@@ -8,13 +8,11 @@ conv2, conv4, conv5, fc6 and fc7, 0 elsewhere.
 
 from __future__ import annotations
 
-from typing import Any
-
-import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import ModelSpec, register
+from cnn_jax.models.precision import Precision
 
 # (name, features, kernel, stride, padding); LRN + pool follow conv1 and conv2, pool follows conv5.
 CONVS = (
@@ -50,7 +48,7 @@ def initializers(scheme: str, layer: str):
 
 
 @register("alexnet")
-class AlexNet(nn.Module):
+class AlexNet(Precision):
     """The paper's AlexNet. `__call__(x, *, train)` returns float32 logits.
 
     Intermediate features are reachable with `apply(..., capture_intermediates=True)`.
@@ -69,12 +67,10 @@ class AlexNet(nn.Module):
     conv5_kernels: float | None = None  # conv5's own multiplier (None: `kernels`); the paper's one-GPU
     # baseline halves every convolution but conv5 (section 3.2, footnote)
     fc_units: int = 4096  # width of fc6 and fc7
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def _dense(self, x, features, name):
         kernel_init, bias_init = initializers(self.init_scheme, name)
-        return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+        return nn.Dense(features, **self.precision,
                         kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
 
     @checks_geometry
@@ -85,7 +81,7 @@ class AlexNet(nn.Module):
             kernel_init, bias_init = initializers(self.init_scheme, name)
             factor = self.conv5_kernels if name == "conv5" and self.conv5_kernels is not None else self.kernels
             x = Conv(scaled(features, factor), (kernel, kernel), strides=stride, padding=pad,
-                     floor=self.floor, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
+                     floor=self.floor, **self.precision, kernel_init=kernel_init,
                      bias_init=bias_init, name=name)(x)
             x = nn.relu(x)
             i = name[-1]
@@ -108,7 +104,7 @@ def scaled(features: int, factor: float) -> int:
 
 
 @register("alexnet_bn")
-class AlexNetBN(nn.Module):
+class AlexNetBN(Precision):
     """The Keras "AlexNet" printed in the lecture notes (Oxford Flowers 17).
 
     224 input, VALID padding (Keras floors: conv1 gives 54), 2x2 max pools, batch norm after
@@ -123,18 +119,16 @@ class AlexNetBN(nn.Module):
     num_classes: int = 17
     conv2_kernel: int = 5
     dropout_rate: float = 0.4
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def _bn(self, x, name, train):
         # Keras defaults: momentum 0.99, epsilon 1e-3.
         return BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                            **self.precision, name=name)(x)
 
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         convs = (("conv1", 96, 11, 4, True), ("conv2", 256, self.conv2_kernel, 1, True),
                  ("conv3", 384, 3, 1, False), ("conv4", 384, 3, 1, False), ("conv5", 256, 3, 1, True))
         x = x.astype(self.dtype)

@@ -20,7 +20,6 @@ itself never names a mesh.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import ModelSpec, register
+from cnn_jax.models.precision import Precision
 from cnn_jax.models.alexnet import initializers, scaled
 
 # (name, features per tower, kernel, stride, padding, sees both towers)
@@ -49,7 +49,7 @@ def _per_tower(cls, **kwargs):
 
 
 @register("alexnet_2tower")
-class AlexNetTowers(nn.Module):
+class AlexNetTowers(Precision):
     """The paper's two-GPU AlexNet. `__call__(x, *, train)` takes NHWC images, returns logits."""
 
     input_shape = (227, 227, 3)
@@ -68,8 +68,6 @@ class AlexNetTowers(nn.Module):
     floor: bool = False
     kernels: float = 1.0  # every convolution's kernel count times this (scaled-down studies)
     fc_units: int = 4096  # width of fc6 and fc7, both towers together
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     def _gather(self, x, layer):
         """Every tower's activations, channels concatenated, repeated for each local tower."""
@@ -81,7 +79,7 @@ class AlexNetTowers(nn.Module):
     def _dense(self, x, features, name):
         kernel_init, bias_init = initializers(self.init_scheme, name)
         return _per_tower(nn.Dense, features=features, kernel_init=kernel_init, bias_init=bias_init,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                          **self.precision, name=name)(x)
 
     @property
     def towers(self) -> int:
@@ -101,7 +99,7 @@ class AlexNetTowers(nn.Module):
             kernel_init, bias_init = initializers(self.init_scheme, name)
             x = nn.relu(_per_tower(Conv, features=scaled(features, self.kernels), kernel_size=(kernel, kernel),
                                    strides=stride, padding=pad, floor=self.floor, kernel_init=kernel_init,
-                                   bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   bias_init=bias_init, **self.precision,
                                    name=name)(x))
             i = name[-1]
             if self.lrn and name in ("conv1", "conv2"):

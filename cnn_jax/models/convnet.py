@@ -10,20 +10,19 @@ each with dropout on its input as AlexNet's fc6 and fc7 have.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import ModelSpec, register
+from cnn_jax.models.precision import Precision
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh}
 CONVS = (("conv1", 32), ("conv2", 32), ("conv3", 64))  # 5x5, padding 2, each followed by a pool
 
 
 @register("convnet4")
-class ConvNet4(nn.Module):
+class ConvNet4(Precision):
     """`__call__(x, *, train)` returns float32 logits; 32x32 input (CIFAR-10)."""
 
     input_shape = (32, 32, 3)
@@ -35,8 +34,6 @@ class ConvNet4(nn.Module):
     pool_window: int = 3  # 3: the overlapping 3/2 pooling; 2: non-overlapping 2/2
     hidden: tuple = ()  # widths of fully connected layers before the output, dropout before each
     dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
@@ -44,7 +41,7 @@ class ConvNet4(nn.Module):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         act = ACTIVATIONS[self.activation]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         x = x.astype(self.dtype)
         for name, features in CONVS:
             x = act(Conv(features, (5, 5), padding=2, name=name, **kw)(x))

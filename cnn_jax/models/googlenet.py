@@ -14,13 +14,13 @@ ReLU activations through 22 layers and left the offline run at chance for two ep
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import AvgPool, Conv, LocalResponseNorm, MaxPool, checks_geometry, lrn_from_caffe, wide
 from cnn_jax.models import ModelSpec, register
+from cnn_jax.models.precision import Precision
 
 # name: (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj) -- the paper's table 1.
 MODULES = {
@@ -39,15 +39,13 @@ def _conv(features, kernel, name, stride=1, **kw):
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"), **kw)
 
 
-class Inception(nn.Module):
+class Inception(Precision):
     widths: tuple
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b1, r3, b3, r5, b5, proj = self.widths
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         branch1 = nn.relu(_conv(b1, 1, "b1_1x1", **kw)(x))
         branch3 = nn.relu(_conv(b3, 3, "b2_3x3", **kw)(nn.relu(_conv(r3, 1, "b2_reduce", **kw)(x))))
         branch5 = nn.relu(_conv(b5, 5, "b3_5x5", **kw)(nn.relu(_conv(r5, 1, "b3_reduce", **kw)(x))))
@@ -56,15 +54,13 @@ class Inception(nn.Module):
         return jnp.concatenate([branch1, branch3, branch5, branch4], axis=-1)
 
 
-class AuxHead(nn.Module):
+class AuxHead(Precision):
     num_classes: int
     dropout_rate: float = 0.7
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         x = AvgPool(5, 3, name="pool")(x)
         x = nn.relu(_conv(128, 1, "conv", **kw)(x)).reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(1024, name="fc1", **kw)(x))
@@ -73,7 +69,7 @@ class AuxHead(nn.Module):
 
 
 @register("googlenet")
-class GoogLeNet(nn.Module):
+class GoogLeNet(Precision):
     input_shape = (224, 224, 3)
     spec = ModelSpec(head=("fc", "aux1/fc2", "aux2/fc2"))
 
@@ -81,13 +77,11 @@ class GoogLeNet(nn.Module):
     aux_heads: bool = True
     dropout_rate: float = 0.4
     aux_dropout_rate: float = 0.7  # the paper's auxiliary heads drop 70% of fc1's outputs
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         lrn = lrn_from_caffe(local_size=5, alpha=1e-4, beta=0.75, k=1.0)
         x = nn.relu(_conv(64, 7, "conv1", stride=2, **kw)(x.astype(self.dtype)))
         x = LocalResponseNorm(**lrn, name="lrn1")(MaxPool(3, 2, padding="SAME", name="pool1")(x))

@@ -14,8 +14,6 @@ constant j.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +21,7 @@ import flax.linen as nn
 
 from cnn_jax.layers import Conv, MaxPool, check_window, checks_geometry, wide
 from cnn_jax.models import ModelSpec, register
+from cnn_jax.models.precision import Precision
 
 # Which S2 maps feed each C3 map (table I of the paper).
 C3_TABLE = ((0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
@@ -117,13 +116,11 @@ class EuclideanRBF(nn.Module):
         return jnp.sum(jnp.square(x[:, None, :] - w[None]), axis=-1)
 
 
-class _LeNet(nn.Module):
+class _LeNet(Precision):
     input_shape = (32, 32, 1)
     spec = ModelSpec(head=("output",))
 
     num_classes: int = 10
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
 
 @register("lenet5")
@@ -139,16 +136,14 @@ class LeNet5(_LeNet):
         if self.num_classes != 10:
             raise ValueError(f"lenet5 has fixed RBF prototypes for the 10 digits, not {self.num_classes} "
                              "classes: use lenet5_modern for other class counts")
-        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=lecun_uniform(),
-                    padding=0)
+        conv = dict(**self.precision, kernel_init=lecun_uniform(), padding=0)
         x = squash(Conv(6, (5, 5), name="C1", **conv)(x.astype(self.dtype)))
         x = squash(Subsample(name="S2")(x))
         x = squash(PartialConv(name="C3")(x))
         x = squash(Subsample(name="S4")(x))
         x = squash(Conv(120, (5, 5), name="C5", **conv)(x))
         x = x.reshape(x.shape[0], -1)
-        x = squash(nn.Dense(84, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=lecun_uniform(), name="F6")(x))
+        x = squash(nn.Dense(84, **self.precision, kernel_init=lecun_uniform(), name="F6")(x))
         return -EuclideanRBF(name="output")(wide(x))
 
 
@@ -160,11 +155,10 @@ class LeNet5Modern(_LeNet):
     @nn.compact
     def __call__(self, x, *, train: bool):
         del train
-        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype, padding=0)
+        conv = dict(**self.precision, padding=0)
         x = x.astype(self.dtype)
         x = MaxPool(2, 2, name="S2")(nn.relu(Conv(6, (5, 5), name="C1", **conv)(x)))
         x = MaxPool(2, 2, name="S4")(nn.relu(Conv(16, (5, 5), name="C3", **conv)(x)))
         x = nn.relu(Conv(120, (5, 5), name="C5", **conv)(x)).reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(84, dtype=self.dtype, param_dtype=self.param_dtype, name="F6")(x))
-        return wide(nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="output")(x))
+        x = nn.relu(nn.Dense(84, **self.precision, name="F6")(x))
+        return wide(nn.Dense(self.num_classes, **self.precision, name="output")(x))

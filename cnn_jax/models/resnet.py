@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, one_by_one_as_product, wide
 from cnn_jax.models import ModelSpec, TorchLayout, register
+from cnn_jax.models.precision import Precision
 
 
-class _Block(nn.Module):
+class _Block(Precision):
     filters: int
     strides: int = 1
     shortcut: str = "B"
     floor: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     train: bool = False
     residual: bool = True  # False: the paper's "plain" counterpart, the same layers without shortcuts
 
@@ -40,12 +38,12 @@ class _Block(nn.Module):
         return Conv(features, (kernel, kernel), strides=strides, padding=kernel // 2, use_bias=False,
                     floor=self.floor, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                     conv_general_dilated=one_by_one_as_product,  # faster here (its docstring)
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                    **self.precision, name=name)(x)
 
     def bn(self, x, name, zero=False):
         return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5,
                             scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                            **self.precision, name=name)(x)
 
     def add_shortcut(self, y, x):
         """relu(y + shortcut(x)), or relu(y) in a plain network."""
@@ -102,7 +100,7 @@ def torchvision_layout(model) -> TorchLayout | None:
 
     return TorchLayout(prefix, requires={"shortcut": "B"})
 
-class ResNet(nn.Module):
+class ResNet(Precision):
     """ImageNet ResNet (7x7 stem, max pool, four stages) or, with `cifar=True`, the paper's
     CIFAR-10 network (3x3 stem with 16 filters, three stages of 16/32/64, no max pool)."""
 
@@ -113,8 +111,6 @@ class ResNet(nn.Module):
     cifar: bool = False
     residual: bool = True  # False: the plain network of the paper's comparisons (no shortcuts)
     floor: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     spec = ModelSpec(head=("fc",), torchvision=torchvision_layout)
 
@@ -126,16 +122,15 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         block_cls = {"basic": BasicBlock, "bottleneck": BottleneckBlock}[self.block]
-        kw = dict(shortcut=self.shortcut, residual=self.residual, floor=self.floor, dtype=self.dtype,
-                  param_dtype=self.param_dtype, train=train)
+        kw = dict(shortcut=self.shortcut, residual=self.residual, floor=self.floor, train=train, **self.precision)
         x = x.astype(self.dtype)
         width = 16 if self.cifar else 64
         x = Conv(width, (3, 3) if self.cifar else (7, 7), strides=1 if self.cifar else 2,
                  padding=1 if self.cifar else 3, use_bias=False, floor=self.floor,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                 dtype=self.dtype, param_dtype=self.param_dtype, name="conv1")(x)
+                 **self.precision, name="conv1")(x)
         x = nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x))
+                                 **self.precision, name="bn1")(x))
         if not self.cifar:
             x = MaxPool(3, 2, padding=1, floor=self.floor, name="pool1")(x)
         for stage, blocks in enumerate(self.stage_sizes):
@@ -143,7 +138,7 @@ class ResNet(nn.Module):
                 strides = 2 if stage > 0 and b == 0 else 1
                 x = block_cls(width * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}", **kw)(x)
         x = jnp.mean(x, axis=(1, 2))
-        return wide(nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+        return wide(nn.Dense(self.num_classes, **self.precision,
                              name="fc")(x))
 
 

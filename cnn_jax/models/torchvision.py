@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
 
 import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool, wide
 from cnn_jax.models import ModelSpec, TorchLayout, register
+from cnn_jax.models.precision import Precision
 from cnn_jax.models.googlenet import MODULES
 
 
@@ -75,7 +75,7 @@ def googlenet_layout(model) -> TorchLayout:
 
 
 @register("alexnet_torchvision")
-class AlexNetTorchvision(nn.Module):
+class AlexNetTorchvision(Precision):
     """torchvision's AlexNet (see the module docstring). Returns float32 logits."""
 
     input_shape = (224, 224, 3)
@@ -83,13 +83,11 @@ class AlexNetTorchvision(nn.Module):
 
     num_classes: int = 1000
     dropout_rate: float = 0.5
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         x = x.astype(self.dtype)
         for name, features, kernel, stride, pad in (("conv1", 64, 11, 4, 2), ("conv2", 192, 5, 1, 2),
                                                     ("conv3", 384, 3, 1, 1), ("conv4", 256, 3, 1, 1),
@@ -104,33 +102,29 @@ class AlexNetTorchvision(nn.Module):
         return wide(nn.Dense(self.num_classes, name="fc8", **kw)(x))
 
 
-class BasicConv(nn.Module):
+class BasicConv(Precision):
     """Convolution without bias, batch norm (epsilon 0.001), ReLU: torchvision's BasicConv2d."""
 
     features: int
     kernel: int = 1
     stride: int = 1
     padding: int = 0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         x = Conv(self.features, (self.kernel,) * 2, strides=self.stride, padding=self.padding, use_bias=False,
                  floor=True, name="conv", **kw)(x)
         return nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, name="bn", **kw)(x))
 
 
-class InceptionTorchvision(nn.Module):
+class InceptionTorchvision(Precision):
     widths: tuple  # (1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5" (a 3x3 here), pool proj)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         b1, r3, b3, r5, b5, proj = self.widths
-        conv = functools.partial(BasicConv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(BasicConv, **self.precision)
         branch1 = conv(b1, name="branch1")(x, train)
         branch2 = conv(b3, 3, padding=1, name="branch2_1")(conv(r3, name="branch2_0")(x, train), train)
         branch3 = conv(b5, 3, padding=1, name="branch3_1")(conv(r5, name="branch3_0")(x, train), train)
@@ -138,14 +132,12 @@ class InceptionTorchvision(nn.Module):
         return jnp.concatenate([branch1, branch2, branch3, branch4], axis=-1)
 
 
-class AuxTorchvision(nn.Module):
+class AuxTorchvision(Precision):
     num_classes: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         x = BasicConv(128, name="conv", **kw)(adaptive_avg_pool(x, 4), train).reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(1024, name="fc1", **kw)(x))
         x = nn.Dropout(0.7, deterministic=not train, name="drop")(x)
@@ -162,7 +154,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @register("googlenet_torchvision")
-class GoogLeNetTorchvision(nn.Module):
+class GoogLeNetTorchvision(Precision):
     """torchvision's GoogLeNet (see the module docstring). In training with `aux_heads`, returns
     {'logits', 'aux_logits'} as `googlenet` does; else float32 logits."""
 
@@ -173,13 +165,11 @@ class GoogLeNetTorchvision(nn.Module):
     aux_heads: bool = True
     dropout_rate: float = 0.2
     transform_input: bool = False  # True for torchvision's published weights
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         if self.transform_input:
             x = x * (jnp.asarray(_IMAGENET_STD) / 0.5) + (jnp.asarray(_IMAGENET_MEAN) - 0.5) / 0.5
         x = x.astype(self.dtype)

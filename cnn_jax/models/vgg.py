@@ -10,13 +10,12 @@ convolutions, N(0, 0.01) fully connected layers, zero biases.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import jax.numpy as jnp
 import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, wide
 from cnn_jax.models import ModelSpec, TorchLayout, register
+from cnn_jax.models.precision import Precision
 
 # Convolutions per block (each block ends in a 2x2 max pool); widths 64, 128, 256, 512, 512.
 CONFIGS = {"A": (1, 1, 2, 2, 2), "B": (2, 2, 2, 2, 2), "D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
@@ -36,7 +35,7 @@ def torchvision_layout(model) -> TorchLayout:
     return TorchLayout(lambda path: names[path[0]], chw={("fc6",): 512})
 
 
-class VGG(nn.Module):
+class VGG(Precision):
     """VGG; `config` is one of 'A', 'B', 'D', 'E'. Returns float32 logits."""
 
     input_shape = (224, 224, 3)
@@ -47,15 +46,13 @@ class VGG(nn.Module):
     batch_norm: bool = False
     dropout_rate: float = 0.5
     floor: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @checks_geometry
     @nn.compact
     def __call__(self, x, *, train: bool):
         if self.config not in CONFIGS:
             raise ValueError(f"unknown VGG configuration {self.config!r}; choose one of {sorted(CONFIGS)}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = self.precision
         conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         x = x.astype(self.dtype)
         for block, (convs, width) in enumerate(zip(CONFIGS[self.config], WIDTHS), start=1):

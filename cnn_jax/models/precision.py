@@ -1,0 +1,28 @@
+"""The two dtypes every model and block takes, declared once.
+
+`dtype` is what a layer computes in (bfloat16 for mixed precision), `param_dtype` what its
+parameters are kept in (float32, so that small updates do not round away). A module inherits
+both from `Precision` and hands them to its layers as `**self.precision`, or binds them once
+with `functools.partial(nn.Dense, **self.precision)`, as flax's own examples inject `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Precision(nn.Module):
+    """Base of every model and block: the dtypes its layers compute in and keep parameters in."""
+
+    _: dataclasses.KW_ONLY  # keyword-only: a subclass's fields without defaults may follow
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @property
+    def precision(self) -> dict:
+        """`dtype` and `param_dtype` as keyword arguments for a layer."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
