@@ -18,7 +18,7 @@ import re
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.config import ConfigError, Set, check_plain, is_int, one_of, suggest
+from cnn_jax.config import RULES, ConfigError, Set, check_plain, is_int, one_of, suggest
 from cnn_jax.data import augment, store
 from cnn_jax.models import abstract_variables, spec_of
 
@@ -208,7 +208,7 @@ def check_freezing(config, model):
         transfer.describe_training(params, **transfer.patterns(model, config))
     except transfer.TransferError as err:
         raise ConfigError(str(err), key="freeze" if config.freeze else "head_only") from None
-    except ValueError:  # the input size does not fit the model: check_data's and the model's own errors say so
+    except ValueError:  # the input size does not fit the model: check_geometry's error says so
         pass
 
 
@@ -223,7 +223,10 @@ def class_count(config, available: int) -> int:
 
 
 def check_processes(config):
-    """The multi-process settings, checked before `jax.distributed` is started with them."""
+    """The multi-process settings, checked before `jax.distributed` is started with them (the
+    command line calls this before `check_config`, whose plain rules come too late for it)."""
+    for key in ("num_processes", "distributed_timeout"):
+        RULES[key](key, config[key])
     choice(config, "distributed", parallel.DISTRIBUTED, "process launch")
     if not is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
         _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} ({{0}})",
@@ -242,8 +245,9 @@ def check_batches(config, data_axis: int, process_count: int) -> int:
 
 
 def check_config(config, *, device_count: int, process_count: int) -> ml_collections.ConfigDict:
-    """Every check, in the order a user reads the flags; returns a checked copy with
-    `eval_batch_size` filled in. Raises `ConfigError` (one line) on the first problem."""
+    """Every check: the plain values' rules first, then the rest in the order a user reads the
+    flags. Returns a checked copy with `eval_batch_size` filled in; raises `ConfigError` (one
+    line) on the first problem."""
     try:
         check_plain(config)
         check_processes(config)

@@ -5,8 +5,9 @@ The library speaks Python. A `SettingError` names the offending key and value as
 written on the config object (`config.batch_size=30: must be a multiple of 4 ...: use
 config.batch_size=28 or config.batch_size=32`); the command line renders the same error in
 its own notation through `render(notation)`.
-Which values are valid is decided by the modules that use them; `checks.check_config`
-composes their rules before any data is read.
+A plain value's rule (a range, a yes/no, a short fixed list) sits in `RULES` beside its
+default; a rule that needs the model, the data or the devices belongs to the module that uses
+the value, and `checks.check_config` composes them all before any data is read.
 
     config = cnn_jax.config.defaults()     # AlexNet on the offline digits, the paper's rule
     config.batch_size = 128
@@ -204,8 +205,8 @@ def defaults() -> config_dict.ConfigDict:
 
 
 # ---- what a plain value must be ------------------------------------------------------------
-# A key whose rule needs nothing but its own value (a range, a yes/no, a fixed set) has the rule
-# here, beside its default; `check_plain` applies them all. Rules that depend on the model, the
+# A key whose rule needs nothing but its own value (a range, a yes/no, a short fixed list that
+# no other code reads) has the rule here, beside its default; `check_plain` applies them all. Rules that depend on the model, the
 # data or the devices belong to the module that uses the value, and `checks.check_config`
 # composes those.
 

@@ -271,7 +271,8 @@ def use_compilation_cache(directory: str) -> str:
                           "compile afresh", key="compilation_cache", value=directory) from None
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # a user's own threshold wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 

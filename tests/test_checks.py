@@ -109,7 +109,8 @@ def test_auto_eval_batch_and_multiple_hint():
     (dict(store_format="png"), ["config.store_format=png", "raw, jpeg"]),
     (dict(pca_noise=-0.1), ["config.pca_noise=-0.1"]),
     (dict(dataset=""), ["config.dataset=: must be a non-empty name"]),
-    (dict(num_processes=0), ["config.num_processes=0"]),
+    (dict(num_processes=0), ["config.num_processes=0: must be a positive integer"]),
+    (dict(distributed_timeout=0), ["config.distributed_timeout=0: must be a positive number of seconds"]),
     (dict(process_id=1), ["config.process_id=1: must be in 0..0"]),
     (dict(parallel="xmap"), ["config.parallel=xmap: unknown parallel mode", "did you mean pmap?"]),
 ])

@@ -105,7 +105,7 @@ def test_viz_cli_reads_a_checkpoint_written_on_other_devices(data_dir, tmp_path)
 
     from cnn_jax import viz
 
-    assert run_cli(["--config.smoke=True", *TINY[:3], f"--workdir={tmp_path}"], data_dir).returncode == 0
+    assert run_cli([*TINY, f"--workdir={tmp_path}"], data_dir).returncode == 0
     one_device = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the run had 8
     proc = subprocess.run([sys.executable, "-m", "cnn_jax.viz", str(tmp_path), "--out", str(tmp_path / "fig.png")],
                           env=one_device, capture_output=True, text=True, timeout=300)
@@ -327,14 +327,14 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
 def test_a_repeated_run_compiles_nothing_new_with_the_cache(data_dir, tmp_path):
     """The second run of a command finds every program it compiles in --config.compilation_cache:
     nothing is added, and both runs end alike."""
-    cache, every = tmp_path / "xla", {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # however fast the compile
-    first = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'a'}"], data_dir,
-                    env_extra=every)
+    cache = tmp_path / "xla"  # every program is kept, however fast its compile
+    first = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'a'}"], data_dir)
     assert first.returncode == 0, first.stderr[-2000:]
     entries = sorted(p.name for p in cache.iterdir())
-    assert entries
-    again = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'b'}"], data_dir,
-                    env_extra=every)
+    # The steps and the dozens of small programs of the model's initialisation: with JAX's
+    # default (only programs of a second's compile or more) this run keeps 2.
+    assert len(entries) > 10, entries
+    again = run_cli([*TINY, f"--config.compilation_cache={cache}", f"--workdir={tmp_path / 'b'}"], data_dir)
     assert again.returncode == 0, again.stderr[-2000:]
     assert sorted(p.name for p in cache.iterdir()) == entries
     assert first.stdout.strip().splitlines()[-1] == again.stdout.strip().splitlines()[-1]

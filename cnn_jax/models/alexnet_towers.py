@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from cnn_jax.layers import Conv, LocalResponseNorm, MaxPool, checks_geometry, wide
 from cnn_jax.models import ModelSpec, register
-from cnn_jax.models.precision import Precision
 from cnn_jax.models.alexnet import initializers, scaled
+from cnn_jax.models.precision import Precision
 
 # (name, features per tower, kernel, stride, padding, sees both towers)
 TOWER_CONVS = (

@@ -8,17 +8,17 @@ with `functools.partial(nn.Dense, **self.precision)`, as flax's own examples inj
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 
-class Precision(nn.Module):
-    """Base of every model and block: the dtypes its layers compute in and keep parameters in."""
+class Precision(nn.Module, kw_only=True):
+    """Base of the models and of their blocks that hold layers: the dtypes their layers compute
+    in and keep parameters in. Keyword-only, so that a subclass's fields without defaults (an
+    Inception module's widths) may follow."""
 
-    _: dataclasses.KW_ONLY  # keyword-only: a subclass's fields without defaults may follow
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

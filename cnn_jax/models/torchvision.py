@@ -21,8 +21,8 @@ import flax.linen as nn
 
 from cnn_jax.layers import BatchNorm, Conv, MaxPool, checks_geometry, max_pool, wide
 from cnn_jax.models import ModelSpec, TorchLayout, register
-from cnn_jax.models.precision import Precision
 from cnn_jax.models.googlenet import MODULES
+from cnn_jax.models.precision import Precision
 
 
 def adaptive_avg_pool(x, size: int):
