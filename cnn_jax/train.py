@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from cnn_jax import builders, checks, evaluate, optim, parallel, transfer, viz
+from cnn_jax import workdir as workdirs
 from cnn_jax.checkpoint import CheckpointError, Checkpointer
 from cnn_jax.config import WORKDIR, Set, literal
 from cnn_jax.data import pipeline
@@ -117,8 +118,6 @@ def train_and_evaluate(config, workdir) -> dict:
     `RunStopped`. Runs on every device (`config.mesh`, `config.parallel`); with several
     processes each reads its own share of every batch.
     """
-    from cnn_jax import workdir as workdirs
-
     parallel.use_compilation_cache(config.compilation_cache)
     parallel.initialize_distributed(config.distributed, config.coordinator_address, config.num_processes,
                                     config.process_id, config.distributed_timeout)
@@ -130,7 +129,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if first:
             stack.enter_context(workdirs.workdir_lock(workdir))
         for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,
-                                                 write=first and not config.eval_only):
+                                                 write=False):
             print(f"config changed since the last run: {note}")
         run = Run(config, workdir, stack)
         return _train(run, stack)
@@ -139,6 +138,8 @@ def train_and_evaluate(config, workdir) -> dict:
 def _train(run: Run, stack: contextlib.ExitStack) -> dict:
     config = run.config
     state, resumed = run.ckpt.restore_latest(run.state, set_aside=run.process == 0)
+    if run.process == 0 and not config.eval_only:  # recorded once data, state and checkpoint are read: a
+        workdirs.record_config(config.to_dict(), run.workdir)  # start that failed on its input blocks no fixed command
     step = 0
     if resumed is not None:
         step = resumed

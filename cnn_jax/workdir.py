@@ -154,6 +154,11 @@ def write_json_atomic(path: pathlib.Path, data: dict):
         os.fsync(f.fileno())
 
 
+def record_config(config, workdir):
+    """Writes WORKDIR/config.json: what this run trains, read by `check_resume_config`."""
+    write_json_atomic(pathlib.Path(workdir) / CONFIG_FILE, _flat(config))
+
+
 def check_resume_config(config, workdir, *, allow_change: bool, write: bool = True) -> list[str]:
     """Records `config` in WORKDIR/config.json on the first run; on a resume, refuses
     changes that alter what is trained (unless `allow_change`) and returns the allowed

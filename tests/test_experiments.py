@@ -53,7 +53,8 @@ def test_smoke_run_trains_evaluates_and_writes_everything(data_dir, tmp_path):
 
 @pytest.mark.parametrize("flag,needle", [("--config.batch_sise=4", "did you mean --config.batch_size"),
                                          ("--config.batch_size=abc", "batch_size"),
-                                         ("--config.dataset=nosuchset", "unknown dataset")])
+                                         ("--config.dataset=nosuchset", "unknown dataset"),
+                                         ("--config.dataset=mnist:x.y", "is not a dataset name")])
 def test_bad_flags_give_one_line_errors(data_dir, tmp_path, flag, needle):
     proc = run_cli([flag, f"--workdir={tmp_path}"], data_dir)
     assert proc.returncode != 0

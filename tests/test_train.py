@@ -104,6 +104,17 @@ def test_a_checkpoint_of_another_model_is_refused_untouched(data_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing set aside
 
 
+def test_a_start_that_fails_on_its_data_leaves_no_record_to_block_the_fixed_command(data_dir, tmp_path):
+    """A misspelt dataset fails before anything is trained, and writes no config.json: the
+    corrected command starts afresh rather than being refused as 'trained with other settings'."""
+    from cnn_jax.data.sources import DatasetError
+
+    with pytest.raises(DatasetError, match="is not a dataset name"):
+        train.train_and_evaluate(tiny_config(data_dir, dataset="mnist:x.y"), tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    assert train.train_and_evaluate(tiny_config(data_dir, num_train_steps=1), tmp_path)["step"] == 1
+
+
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # eval every 2 steps with the plateau schedule: the learning-rate state must resume too.

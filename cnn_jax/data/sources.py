@@ -261,6 +261,9 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
             builder = tfds.builder(name, data_dir=str(data_dir))
         except tfds.core.registered.DatasetNotFoundError as err:
             raise DatasetError(f"unknown dataset {name!r}: use 'digits' or a tensorflow-datasets name") from err
+        except ValueError as err:  # tfds cannot parse the name (name[/config][:x.y.z])
+            raise DatasetError(f"{name!r} is not a dataset name: write name, name/config or name:1.2.3 "
+                               "(e.g. 'cifar10', 'imagenet2012:5.1.0')") from err
         if not builder.is_prepared():
             hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=literal(data_dir))
             raise DatasetError(f"dataset {name!r} is not prepared in {literal(data_dir)} (no download is "
