@@ -70,13 +70,20 @@ def workdir_lock(workdir):
     """Holds WORKDIR/.lock for the block; a second holder gets a one-line `WorkdirError`
     naming the first (pid and host). With several processes only process 0 should hold it."""
     path = pathlib.Path(workdir) / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 (closed below: closing releases the lock)
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 (closed below: closing releases the lock)
+    except OSError as err:  # e.g. left read-only by another user's run
+        raise WorkdirError(f"its lock file {literal(path)} cannot be opened ({_reason(err)}): fix its "
+                           "permissions, or choose another {0}", WORKDIR) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkdirError(f"another run ({_holder(path)}) is using {literal(workdir)}: wait for it or "
                                "choose another {0}", WORKDIR) from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            raise WorkdirError(f"{literal(workdir)} cannot be locked ({_reason(err)}): choose a folder on a "
+                               "local disk as {0}", WORKDIR) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")

@@ -71,6 +71,15 @@ def test_the_lock_admits_one_holder_and_names_it(tmp_path):
         pass
 
 
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    (tmp_path / ".lock").mkdir()  # as unopenable as another user's read-only file, even for root
+    with pytest.raises(WorkdirError) as err:
+        with workdir_lock(tmp_path):
+            pass
+    assert str(err.value) == (f"its lock file {tmp_path / '.lock'} cannot be opened (Is a directory): fix its "
+                              "permissions, or choose another workdir")
+
+
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with workdir_lock(tmp_path):
