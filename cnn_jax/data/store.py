@@ -24,7 +24,7 @@ import pathlib
 import numpy as np
 from tqdm.auto import tqdm
 
-from cnn_jax.config import SettingError, Set
+from cnn_jax.config import SettingError, Set, literal
 from cnn_jax.data import transforms
 from cnn_jax.files import replaced_atomically
 
@@ -135,7 +135,7 @@ def prepare(split, spec: StoreSpec, *, workers: int = 0) -> "Store":
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise StoreError(f"cannot write the prepared store at {directory} ({err.strerror}): set {{0}}",
+        raise StoreError(f"cannot write the prepared store at {literal(directory)} ({err.strerror}): set {{0}}",
                          Set("data_dir", "<a writable folder>")) from None
     n = len(split)
     jobs = [(k, start, min(n, start + SHARD_SIZE)) for k, start in enumerate(range(0, n, SHARD_SIZE))]
@@ -161,12 +161,12 @@ def _finish(split, spec, directory, jobs):
         logging.warning("skipped %d of %d images of %s/%s that could not be decoded, e.g. %s", len(bad),
                         len(split), split.name, split.split, "; ".join(bad[:3]))
     if not labels:
-        raise StoreError(f"{split.name}/{split.split}: none of its {len(split)} images could be decoded")
+        raise StoreError(f"{literal(split.name)}/{literal(split.split)}: none of its {len(split)} images could be decoded")
     missing = sorted(set(range(split.num_classes)) - set(labels))
     if missing and split.split == "train":
         names = getattr(split, "class_names", None) or []
         shown = ", ".join(names[c] if c < len(names) else str(c) for c in missing[:5])
-        raise StoreError(f"{split.name}/{split.split}: class(es) {shown} have no decodable image "
+        raise StoreError(f"{literal(split.name)}/{literal(split.split)}: class(es) {shown} have no decodable image "
                          f"({len(missing)} in all): fix or remove those files")
     np.save(directory / "labels.npy", np.asarray(labels, np.int32))
     meta = {"count": len(labels), "skipped": len(bad), "spec": dataclasses.asdict(spec),
@@ -191,7 +191,7 @@ class Store:
         paths = [str(_shard_paths(self.directory, k)[0]) for k in range(self.meta["shards"])]
         self._records = grain.sources.ArrayRecordDataSource(paths)
         if len(self._records) != len(self.labels):
-            raise StoreError(f"prepared store {self.directory} is inconsistent ({len(self._records)} "
+            raise StoreError(f"prepared store {literal(self.directory)} is inconsistent ({len(self._records)} "
                              f"records, {len(self.labels)} labels): delete the folder to prepare it again")
 
     def __len__(self) -> int:
