@@ -113,12 +113,11 @@ def launch(mode: str, num_processes: int = 1, coordinator: str = "", environ=os.
 
 
 def initialize_distributed(mode: str = "detect", coordinator: str = "", num_processes: int = 1, process_id: int = 0,
-                           timeout: int = 300, environ=os.environ, render: Callable[[Exception], str] = str):
+                           timeout: int = 300, environ=os.environ):
     """`jax.distributed.initialize` when this run is one of several processes (see `launch`). A
     process that cannot join within `timeout` seconds raises a one-line `ConfigError` naming
     what it read, instead of waiting for ever; process 0, held inside XLA while it waits for
-    the others, prints that line as `render` writes it (a command line: in its own notation)
-    and exits with status 2 (XLA would abort it)."""
+    the others, prints that line and exits with status 2 (XLA would abort it)."""
     how, count, coordinator = launch(mode, num_processes, coordinator, environ)
     if how == "single" or jax.distributed.is_initialized():  # one process runs several trainings
         return
@@ -138,7 +137,7 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
     # Process 0 waits for the others inside XLA, which aborts when they never come: a watchdog
     # speaks first (XLA's own deadline is GRACE seconds later).
     watchdog = _exit_with(not_joined(f"the {count or 'launched'} processes did not all join within {timeout} s"),
-                          after=timeout, render=render)
+                          after=timeout)
     try:
         if how == "auto":
             jax.distributed.initialize(initialization_timeout=timeout + GRACE)
@@ -154,13 +153,13 @@ def initialize_distributed(mode: str = "detect", coordinator: str = "", num_proc
 GRACE = 30  # seconds XLA waits beyond distributed_timeout
 
 
-def _exit_with(error: Exception, after: float, render: Callable[[Exception], str] = str) -> threading.Timer:
+def _exit_with(error: Exception, after: float) -> threading.Timer:
     """A timer that, unless cancelled within `after` seconds, prints `error` in one line and
     ends the process with status 2: the main thread is then blocked inside XLA, where no
     Python exception reaches it, and XLA's own end is an abort with a C++ stack."""
 
     def expire():
-        print(f"error: {render(error)}", file=sys.stderr, flush=True)
+        print(f"error: {error}", file=sys.stderr, flush=True)
         os._exit(2)
 
     timer = threading.Timer(after, expire)

@@ -207,9 +207,6 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
     how, _, _ = parallel.launch(config.distributed, config.num_processes, config.coordinator_address)
     if how == "single":
         config = checks.check_config(config, device_count=jax.device_count(), process_count=1)
-    else:  # joined here, so that a watchdog's last words are in flags (train_and_evaluate then finds it done)
-        parallel.initialize_distributed(config.distributed, config.coordinator_address, config.num_processes,
-                                        config.process_id, config.distributed_timeout, render=lambda e: e.render(FLAGS))
     default = f"runs/{name or f'{config.model_name}_{config.dataset}'}" + ("_smoke" if config.smoke else "")
     return config, workdir or default  # a smoke run never lands in (and blocks) the real run's folder
 

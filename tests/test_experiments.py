@@ -149,7 +149,7 @@ def test_a_task_whose_peers_never_start_is_one_line_within_the_timeout(data_dir,
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "could not join the others" in errors[0] and "within 5 s" in errors[0], errors[0]
     assert "SLURM_NTASKS=2" in errors[0] and f"SLURM_PROCID={rank}" in errors[0], errors[0]
-    assert "raise --config.distributed_timeout" in errors[0] and time.monotonic() - start < 90
+    assert "config.distributed_timeout" in errors[0] and time.monotonic() - start < 90
     assert "Traceback" not in proc.stderr and "Aborted" not in proc.stderr
 
 
