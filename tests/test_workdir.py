@@ -141,7 +141,7 @@ def test_a_harmless_change_resumes_with_notes(tmp_path):
                           keep_checkpoints=5, smoke=True)
     notes = check_resume_config(changed, tmp_path, allow_change=False)
     assert notes == ["eval_batch_size: 0 -> 16", "keep_checkpoints: 2 -> 5", "log_every_steps: 10 -> 5",
-                     "mesh: [] -> [4, 2]", "num_epochs: 2.0 -> 90.0", "smoke: false -> true", "workers: 0 -> 4"]
+                     "mesh: [] -> [4, 2]", f"num_epochs: {alexnet.get_config().num_epochs} -> 90.0", "smoke: false -> true", "workers: 0 -> 4"]
     assert saved(tmp_path)["log_every_steps"] == 5  # the record follows the run
     assert check_resume_config(changed, tmp_path, allow_change=False) == []
 
