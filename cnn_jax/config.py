@@ -206,9 +206,9 @@ def defaults() -> config_dict.ConfigDict:
 
 # ---- what a plain value must be ------------------------------------------------------------
 # A key whose rule needs nothing but its own value (a range, a yes/no, a short fixed list that
-# no other code reads) has the rule here, beside its default; `check_plain` applies them all. Rules that depend on the model, the
-# data or the devices belong to the module that uses the value, and `checks.check_config`
-# composes those.
+# no other code reads) has the rule here, beside its default; `check_plain` applies them all.
+# Rules that depend on the model, the data or the devices belong to the module that uses the
+# value, and `checks.check_config` composes those.
 
 def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -128,8 +128,7 @@ def train_and_evaluate(config, workdir) -> dict:
         stack.enter_context(warnings_log(workdir, enabled=first))
         if first:
             stack.enter_context(workdirs.workdir_lock(workdir))
-        for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change,
-                                                 write=False):
+        for note in workdirs.check_resume_config(config.to_dict(), workdir, allow_change=config.allow_config_change):
             print(f"config changed since the last run: {note}")
         run = Run(config, workdir, stack)
         return _train(run, stack)

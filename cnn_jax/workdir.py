@@ -5,8 +5,9 @@ with the settings it was trained with.
   writability is tested by writing), not after an epoch when the first checkpoint is due.
 - `workdir_lock`: an advisory `flock` on WORKDIR/.lock, so two runs never interleave their
   checkpoints; the kernel drops it when the holder exits, even on a crash.
-- `check_resume_config`: WORKDIR/config.json records what was trained; a resume that would
-  silently train something else (another model, rate or batch) stops and says which keys.
+- `record_config`, `check_resume_config`: WORKDIR/config.json records what was trained; a
+  resume that would silently train something else (another model, rate or batch) stops and
+  says which keys.
 """
 
 from __future__ import annotations
@@ -166,15 +167,13 @@ def record_config(config, workdir):
     write_json_atomic(pathlib.Path(workdir) / CONFIG_FILE, _flat(config))
 
 
-def check_resume_config(config, workdir, *, allow_change: bool, write: bool = True) -> list[str]:
-    """Records `config` in WORKDIR/config.json on the first run; on a resume, refuses
-    changes that alter what is trained (unless `allow_change`) and returns the allowed
-    changes as notes ('log_every_steps: 10 -> 5'). Only the writer (process 0) writes."""
+def check_resume_config(config, workdir, *, allow_change: bool) -> list[str]:
+    """Against WORKDIR/config.json (`record_config`), when there is one: refuses changes that
+    alter what is trained (unless `allow_change`) and returns the allowed changes as notes
+    ('log_every_steps: 10 -> 5'). Writes nothing."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     now = _flat(config)
     if not path.exists():
-        if write:
-            write_json_atomic(path, now)
         return []
     try:
         saved = json.loads(path.read_text())
@@ -187,6 +186,4 @@ def check_resume_config(config, workdir, *, allow_change: bool, write: bool = Tr
         raise WorkdirError(f"was trained with other settings: {literal('; '.join(training[:SHOWN]))}{more}: "
                            "use the saved values, another {0}, or {1}", WORKDIR, Set("allow_config_change", True),
                            key=_given(workdir))
-    if (training or harmless) and write:
-        write_json_atomic(path, now)
     return training + harmless

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 from cnn_jax import workdir as wd
-from cnn_jax.workdir import WorkdirError, check_resume_config, open_workdir, workdir_lock
+from cnn_jax.workdir import WorkdirError, check_resume_config, open_workdir, record_config, workdir_lock
 from experiments import alexnet
 from experiments._run import FLAGS
 
@@ -120,7 +120,8 @@ def saved(workdir) -> dict:
 
 
 def test_first_run_records_the_config_atomically(tmp_path):
-    assert check_resume_config(config_dict(), tmp_path, allow_change=False) == []
+    assert check_resume_config(config_dict(), tmp_path, allow_change=False) == []  # nothing recorded yet
+    record_config(config_dict(), tmp_path)
     assert saved(tmp_path)["learning_rate"] == 0.01 and saved(tmp_path)["model.dtype"] == "float32"
     assert saved(tmp_path)["mesh"] == [] and "allow_config_change" not in saved(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
@@ -128,26 +129,27 @@ def test_first_run_records_the_config_atomically(tmp_path):
 
 
 def test_only_the_writer_writes(tmp_path):
-    assert check_resume_config(config_dict(), tmp_path, allow_change=False, write=False) == []
+    assert check_resume_config(config_dict(), tmp_path, allow_change=False) == []
     assert not (tmp_path / "config.json").exists()
-    check_resume_config(config_dict(), tmp_path, allow_change=False)
-    notes = check_resume_config(config_dict(log_every_steps=5), tmp_path, allow_change=False, write=False)
+    record_config(config_dict(), tmp_path)
+    notes = check_resume_config(config_dict(log_every_steps=5), tmp_path, allow_change=False)
     assert notes == ["log_every_steps: 10 -> 5"] and saved(tmp_path)["log_every_steps"] == 10
 
 
 def test_a_harmless_change_resumes_with_notes(tmp_path):
-    check_resume_config(config_dict(schedule="plateau"), tmp_path, allow_change=False)
+    record_config(config_dict(schedule="plateau"), tmp_path)
     changed = config_dict(schedule="plateau", log_every_steps=5, eval_batch_size=16, workers=4, mesh=(4, 2), num_epochs=90.0,
                           keep_checkpoints=5, smoke=True)
     notes = check_resume_config(changed, tmp_path, allow_change=False)
     assert notes == ["eval_batch_size: 0 -> 16", "keep_checkpoints: 2 -> 5", "log_every_steps: 10 -> 5",
                      "mesh: [] -> [4, 2]", f"num_epochs: {alexnet.get_config().num_epochs} -> 90.0", "smoke: false -> true", "workers: 0 -> 4"]
+    record_config(changed, tmp_path)
     assert saved(tmp_path)["log_every_steps"] == 5  # the record follows the run
     assert check_resume_config(changed, tmp_path, allow_change=False) == []
 
 
 def test_a_training_change_is_refused_with_each_key(tmp_path):
-    check_resume_config(config_dict(), tmp_path, allow_change=False)
+    record_config(config_dict(), tmp_path)
     with pytest.raises(WorkdirError) as err:
         check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=False)
     assert str(err.value) == (f"workdir={tmp_path}: was trained with other settings: learning_rate: 0.01 -> 0.1: "
@@ -165,9 +167,10 @@ def test_a_training_change_is_refused_with_each_key(tmp_path):
 
 
 def test_allow_change_goes_ahead_and_records_the_new_config(tmp_path):
-    check_resume_config(config_dict(), tmp_path, allow_change=False)
+    record_config(config_dict(), tmp_path)
     notes = check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=True)
     assert notes == ["learning_rate: 0.01 -> 0.1", "log_every_steps: 10 -> 5"]
+    record_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path)
     assert saved(tmp_path)["learning_rate"] == 0.1
     assert check_resume_config(config_dict(learning_rate=0.1, log_every_steps=5), tmp_path, allow_change=False) == []
 
@@ -177,7 +180,7 @@ def test_allow_change_goes_ahead_and_records_the_new_config(tmp_path):
     ("step", (0.5, 0.75), True),  # fractions of the run: the drops move with its length
     ("cosine", (), True)])
 def test_the_run_length_matters_only_where_it_shapes_the_schedule(tmp_path, schedule, boundaries, refused):
-    check_resume_config(config_dict(schedule=schedule, step_boundaries=boundaries), tmp_path, allow_change=False)
+    record_config(config_dict(schedule=schedule, step_boundaries=boundaries), tmp_path)
     longer = config_dict(schedule=schedule, step_boundaries=boundaries, num_train_steps=500)
     if refused:
         with pytest.raises(WorkdirError, match="num_train_steps: 0 -> 500"):
@@ -190,7 +193,7 @@ def test_keys_the_code_gained_or_lost_are_notes(tmp_path):
     old = config_dict()
     del old["store_format"]
     old["retired_key"] = 1
-    check_resume_config(old, tmp_path, allow_change=False)
+    record_config(old, tmp_path)
     assert check_resume_config(config_dict(), tmp_path, allow_change=False) == [
         "retired_key: 1 -> (absent)", "store_format: (absent) -> raw"]
 
@@ -202,13 +205,13 @@ def test_a_damaged_record_is_one_line(tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_record_and_no_temporary(tmp_path, monkeypatch):
-    check_resume_config(config_dict(), tmp_path, allow_change=False)
+    record_config(config_dict(), tmp_path)
 
     def crash(*args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(wd.os, "replace", crash)
     with pytest.raises(OSError):
-        check_resume_config(config_dict(log_every_steps=5), tmp_path, allow_change=False)
+        record_config(config_dict(log_every_steps=5), tmp_path)
     assert saved(tmp_path)["log_every_steps"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -172,7 +172,8 @@ def scan_folder(root: pathlib.Path, split: str) -> tuple[list[tuple[str, int]], 
         names = ["train"] if split == "train" else ["val", "validation", split]
         folder = next((root / n for n in names if (root / n).is_dir()), None)
         if folder is None:
-            raise DatasetError(f"image folder {literal(root)} has train/ but no {literal(repr(split))} folder (tried {literal(names)})")
+            raise DatasetError(f"image folder {literal(root)} has train/ but no {literal(repr(split))} folder "
+                               f"(tried {literal(names)})")
         if split != "train":
             extra = sorted({d.name for d in folder.iterdir() if d.is_dir()}
                            - {d.name for d in (root / "train").iterdir() if d.is_dir()})
@@ -207,7 +208,8 @@ def scan_classes(root: pathlib.Path, class_root: pathlib.Path, require_all: bool
         good = [p for p in images if p.stat().st_size > 0 and _readable(p)]
         skipped += [p for p in images if p not in good]
         if not good and require_all:
-            raise DatasetError(f"class folder {literal(folder)} has no readable images: add some or remove the folder")
+            raise DatasetError(f"class folder {literal(folder)} has no readable images: add some or remove the "
+                               "folder")
         absent += [] if good else [name]
         files += [(str(p), label) for p in good]
     if skipped:
@@ -243,7 +245,8 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         if not files:
             hint = ("add images, or hold out your own in root/train and root/val" if split != "train"
                     and not (root / "train").is_dir() else "add images")
-            raise DatasetError(f"image folder {literal(root)} has no images for split {literal(repr(split))}: {hint}")
+            raise DatasetError(f"image folder {literal(root)} has no images for split {literal(repr(split))}: "
+                               f"{hint}")
         key = hashlib.sha1(str(root).encode()).hexdigest()[:12]
         source = FolderSource(files, str(root))
         return Split(name, split, source, len(classes), data_dir / "folders" / key, source.fingerprint(),
@@ -260,21 +263,24 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Split:
         try:
             builder = tfds.builder(name, data_dir=str(data_dir))
         except tfds.core.registered.DatasetNotFoundError as err:
-            raise DatasetError(f"unknown dataset {literal(repr(name))}: use 'digits' or a tensorflow-datasets name") from err
+            raise DatasetError(f"unknown dataset {literal(repr(name))}: use 'digits' or a tensorflow-datasets "
+                               "name") from err
         except ValueError as err:  # tfds cannot parse the name (name[/config][:x.y.z])
-            raise DatasetError(f"{literal(repr(name))} is not a dataset name: write name, name/config or name:1.2.3 "
-                               "(e.g. 'cifar10', 'imagenet2012:5.1.0')") from err
+            raise DatasetError(f"{literal(repr(name))} is not a dataset name: write name, name/config or "
+                               "name:1.2.3 (e.g. 'cifar10', 'imagenet2012:5.1.0')") from err
         if not builder.is_prepared():
             hint = HINTS.get(name, PREPARE_HINT).format(name=name, data_dir=literal(data_dir))
-            raise DatasetError(f"dataset {literal(repr(name))} is not prepared in {literal(data_dir)} (no download is "
-                               f"attempted): {hint}", Set("data_dir"))
+            raise DatasetError(f"dataset {literal(repr(name))} is not prepared in {literal(data_dir)} (no "
+                               f"download is attempted): {hint}", Set("data_dir"))
     if split not in builder.info.splits:
-        raise DatasetError(f"dataset {literal(repr(name))} has no split {literal(repr(split))}; it has {sorted(builder.info.splits)}")
+        raise DatasetError(f"dataset {literal(repr(name))} has no split {literal(repr(split))}; it has "
+                           f"{sorted(builder.info.splits)}")
     label = builder.info.features["label"]
     try:
         source = builder.as_data_source(split=split)
     except Exception as err:  # noqa: BLE001 - e.g. prepared as tfrecord, which has no random access
-        raise DatasetError(f"dataset {literal(repr(name))} in {literal(data_dir)} cannot be read by index ({type(err).__name__}); "
+        raise DatasetError(f"dataset {literal(repr(name))} in {literal(data_dir)} cannot be read by index "
+                           f"({type(err).__name__}); "
                            f"rebuild it with --file_format=array_record") from None
     fingerprint = f"{builder.name}:{builder.version}:{split}:{builder.info.splits[split].num_examples}"
     cache_dir = data_dir / "prepared" / f"{builder.name}-{builder.version}"  # beside, not inside, tfds's folder

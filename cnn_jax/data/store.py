@@ -135,7 +135,8 @@ def prepare(split, spec: StoreSpec, *, workers: int = 0) -> "Store":
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise StoreError(f"cannot write the prepared store at {literal(directory)} ({err.strerror}): set {{0}}",
+        raise StoreError(f"cannot write the prepared store at {literal(directory)} ({err.strerror}): "
+                         "set {0}",
                          Set("data_dir", "<a writable folder>")) from None
     n = len(split)
     jobs = [(k, start, min(n, start + SHARD_SIZE)) for k, start in enumerate(range(0, n, SHARD_SIZE))]
@@ -161,7 +162,8 @@ def _finish(split, spec, directory, jobs):
         logging.warning("skipped %d of %d images of %s/%s that could not be decoded, e.g. %s", len(bad),
                         len(split), split.name, split.split, "; ".join(bad[:3]))
     if not labels:
-        raise StoreError(f"{literal(split.name)}/{literal(split.split)}: none of its {len(split)} images could be decoded")
+        raise StoreError(f"{literal(split.name)}/{literal(split.split)}: none of its {len(split)} images could "
+                         "be decoded")
     missing = sorted(set(range(split.num_classes)) - set(labels))
     if missing and split.split == "train":
         names = getattr(split, "class_names", None) or []
