@@ -18,7 +18,7 @@ import re
 import ml_collections
 
 from cnn_jax import optim, parallel
-from cnn_jax.config import RULES, ConfigError, Set, check_plain, is_int, one_of, suggest
+from cnn_jax.config import ConfigError, Set, check_plain, is_int, one_of, suggest
 from cnn_jax.data import augment, store
 from cnn_jax.models import abstract_variables, spec_of
 
@@ -223,10 +223,8 @@ def class_count(config, available: int) -> int:
 
 
 def check_processes(config):
-    """The multi-process settings, checked before `jax.distributed` is started with them (the
-    command line calls this before `check_config`, whose plain rules come too late for it)."""
-    for key in ("num_processes", "distributed_timeout"):
-        RULES[key](key, config[key])
+    """The multi-process settings, checked before `jax.distributed` is started with them (after
+    `check_plain`, which has checked num_processes and distributed_timeout)."""
     choice(config, "distributed", parallel.DISTRIBUTED, "process launch")
     if not is_int(config.process_id) or not 0 <= config.process_id < config.num_processes:
         _fail("process_id", config.process_id, f"must be in 0..{config.num_processes - 1} ({{0}})",

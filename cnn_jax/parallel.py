@@ -257,8 +257,8 @@ def use_compilation_cache(directory: str) -> str:
     """Keeps every compiled program in `directory` (created), so that a repeated or resumed run
     skips compiling them; '' turns the cache off. Every program, not only those of a second's
     compile or more (JAX's default): initialising a model runs dozens of small ones, each
-    compiled on its own, and together they take longer than the train step's compile (AlexNet at
-    67x67: 17.8 s a warm run with JAX's default, 10.7 s with all). JAX settles this at its first
+    compiled on its own (a warm AlexNet run at 67x67: 17.8 s with JAX's default, 10.7 s with
+    all; one run each, on shared cores). JAX settles this at its first
     compilation in a process: call it before anything compiles. Returns the folder."""
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)

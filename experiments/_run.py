@@ -23,7 +23,7 @@ from ml_collections import config_dict, config_flags
 import cnn_jax
 from cnn_jax import checks, evaluate, optim, parallel
 from cnn_jax.checkpoint import CheckpointError, newest_step
-from cnn_jax.config import Advice, ConfigError, Notation, SettingError
+from cnn_jax.config import Advice, ConfigError, Notation, SettingError, check_plain
 from cnn_jax.models import list_models, model_defaults, variant_fields
 from cnn_jax.train import NonFiniteLossError, RunStopped, train_and_evaluate
 
@@ -203,6 +203,7 @@ def prepare(get_config, argv, name: str = "") -> tuple[config_dict.ConfigDict, s
               f"{config.model_name} keeps its own defaults (set a field with --config.model.<field>=...)")
     if config.smoke:
         config = smoke(config, given)
+    check_plain(config)  # before the launch, which reads num_processes and distributed_timeout
     checks.check_processes(config)
     how, _, _ = parallel.launch(config.distributed, config.num_processes, config.coordinator_address)
     if how == "single":

@@ -3,8 +3,8 @@
 Auxiliary heads on 4a and 4d, weighted 0.3 in the loss (`--config.aux_weight`). Offline
 default at 80x80, the smallest input every window tiles (4a gives 5x5, what the auxiliary
 heads' 5x5/3 pooling needs), for 8 epochs: without batch norm the network sits near chance
-for its first hundred steps, and at 128x128 two epochs (the same time as 5 at 80x80) left
-seeds 0-4 at 32-50%.
+for its first hundred steps, and at 128x128 two epochs (5 min 0 s on average, where 8 epochs
+at 80x80 take 4 min 14 s) left seeds 0-4 at 32-50%.
 """
 
 from ml_collections import config_dict
@@ -18,7 +18,7 @@ def get_config() -> config_dict.ConfigDict:
     c = defaults()
     c.model_name = "googlenet"
     c.model = config_dict.ConfigDict(dict(aux_heads=True, dropout_rate=0.4, dtype="float32"))
-    c.input_size, c.resize_size = 80, 90  # 80x80 steps 2.5x faster than 128x128
+    c.input_size, c.resize_size = 80, 90  # (128/80)^2 = 2.6x fewer pixels than 128x128
     c.learning_rate, c.decay_mask, c.weight_decay = 0.01, "kernels", 2e-4
     c.num_epochs = 8.0  # seed 1: 50% after 2 epochs at 128x128; 6.7% after 5 at 80x80, 1.7% after 8
     c.batch_size = 16  # the paper gives none; without batch norm the net starts slowly, and twice

@@ -323,6 +323,7 @@ def test_eval_only_leaves_the_run_config_alone_and_five_classes_have_no_top5(dat
     changed = [line for line in resumed.splitlines() if line.startswith("config changed")]
     assert "resumed from" in resumed
     assert changed == ["config changed since the last run: num_train_steps: 3 -> 4"], changed
+    assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 4  # the record follows the run
 
 
 def test_a_repeated_run_compiles_nothing_new_with_the_cache(data_dir, tmp_path):

@@ -128,7 +128,7 @@ def test_first_run_records_the_config_atomically(tmp_path):
     assert check_resume_config(config_dict(), tmp_path, allow_change=False) == []  # same config
 
 
-def test_only_the_writer_writes(tmp_path):
+def test_checking_writes_nothing(tmp_path):
     assert check_resume_config(config_dict(), tmp_path, allow_change=False) == []
     assert not (tmp_path / "config.json").exists()
     record_config(config_dict(), tmp_path)
