@@ -373,7 +373,7 @@ def main(argv=None) -> int:
         host = host_cases(models, steps, budget, f"{tmp}/tfds")
         loops = loop_cases(profile, budget, tmp)
         firsts = first_step_cases(profile, budget, tmp)
-    measured = {d: train_step.matmul_rates(d).get("jax", float("nan")) for d in {r["dtype"] for r in steps}} \
+    measured = {d: train_step.jax_matmul_rate(d) for d in {r["dtype"] for r in steps}} \
         if device.platform == "cpu" else {}
     report = {"machine": {**train_step.machine(), "device_kind": device.device_kind, "platform": device.platform,
                           "device_count": jax.device_count()},
