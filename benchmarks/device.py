@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 
-from ml_collections import config_dict
 
 from benchmarks import device_report, train_loop, train_step
 from benchmarks.train_step import progress
@@ -142,8 +141,9 @@ def step_cases(models, profile: Profile, budget: Budget) -> list[dict]:
 
     rows = []
     for name in models:
-        if train_step.devices_needed(name) > jax.device_count():
-            budget.skipped.append(f"{name}: needs {train_step.devices_needed(name)} devices, one per tower")
+        needed = train_step.devices_needed(name)
+        if needed > jax.device_count():
+            budget.skipped.append(f"{name}: needs {needed} devices, one per tower")
             continue
         if not budget.allows(f"{name}: every step case", SHARES["steps"]):
             continue
@@ -171,8 +171,6 @@ def loop_config(name: str, dtype: str, store_format: str, profile: Profile, data
     experiment, overrides = LOOP_EXPERIMENTS[name]
     config = train_loop.make_config(experiment, {**overrides, "batch_size": profile.loop_batch}, profile.loop_steps,
                                     data_dir)
-    if "model_name" in overrides:  # the experiment's model fields are its own model's (resnet20_cifar's option A)
-        config.model = config_dict.ConfigDict(dict(dtype=dtype))
     config.store_format, config.model.dtype, config.compilation_cache = store_format, dtype, ""
     config.learning_rate = min(config.learning_rate, 1e-3)  # speed does not depend on it; this keeps the loss finite
     config.checkpoint_every_steps = profile.loop_steps  # one save, at the end, outside the timed windows
@@ -328,7 +326,7 @@ def parse(argv):
         if target.is_dir() or not os.access(target if target.exists() else target.parent, os.W_OK):
             parser.error(f"{flag} {path}: not a writable file in an existing folder; choose another")
     try:
-        batches = tuple(int(b) for b in filter(None, args.batches.split(",")))
+        batches = tuple(int(b) for b in names(args.batches))
     except ValueError:
         parser.error(f"--batches {args.batches!r} must be comma-separated integers, e.g. 128,256")
     if any(b < 1 for b in batches) or args.budget < 0:

@@ -40,12 +40,16 @@ CASES = {  # experiment, overrides, steps of the loop
 def make_config(experiment: str, overrides: dict, steps: int, data_dir: str):
     import importlib
 
+    from experiments import _run
+
     config = importlib.import_module(f"experiments.{experiment}").get_config()
+    written_for = config.model_name
     if "store_format" not in config:
         with config.unlocked():
             config.store_format = "raw"
     for key, value in overrides.items():
         setattr(config, key, value)
+    config, _ = _run.own_model_fields(config, written_for, given=frozenset())  # as the command line does
     config.data_dir, config.num_train_steps = data_dir, steps
     config.eval_every_steps, config.eval_limit = steps, 64  # evaluation only at the end, small
     return config

@@ -46,12 +46,14 @@ def _schedule(c) -> str:
     return name + (f" after {c.warmup_steps} warm-up steps" if c.warmup_steps else "")
 
 
-def fixed_drop_note(c, paper: str) -> str:
-    """The note for a short run's drop at a fixed point where the paper drops on a plateau."""
+def fixed_drop_note(c, paper: str, why: str = "a run of a few epochs has no plateau to detect",
+                    restore: str = "--config.schedule=plateau") -> str:
+    """The note for a short run's drop at a fixed point where the paper drops otherwise
+    (by default: on a plateau of the validation error)."""
     if c.schedule != "step":
         return ""
     return (f"\nnote: the learning rate drops at fixed points of the run, not {paper}:\n"
-            "      a run of a few epochs has no plateau to detect; --config.schedule=plateau restores the paper's rule.")
+            f"      {why}; {restore} restores the paper's rule.")
 
 
 def smoke(config: config_dict.ConfigDict, given=frozenset()) -> config_dict.ConfigDict:

@@ -10,7 +10,7 @@ the final top-1/top-5 error, the best evaluation on the way, the wall time. Some
 at the default seeds replace their entries in docs/default_runs.json and keep the others,
 provided those were measured on the same machine and versions (else all must be rerun).
 Once every experiment is there, the table between the README's markers is rewritten from
-the JSON, with the machine and the jax/jaxlib versions it ran on. About 45 minutes on 2 CPU
+the JSON, with the machine and the jax/jaxlib versions it ran on. About 80 minutes on 2 CPU
 cores for all five at 5 seeds.
 """
 
@@ -50,8 +50,6 @@ def _cpuinfo() -> list[str]:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
