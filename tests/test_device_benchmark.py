@@ -126,3 +126,11 @@ def test_peak_rates_per_chip_and_machine():
 def test_host_rates_name_each_store_format(data_dir):
     rates = train_loop.host_rates(str(data_dir), size=36, channels=1, batch=8, batches=2)
     assert set(rates) == {"raw", "jpeg"} and all(r > 0 for r in rates.values())
+
+
+def test_a_loop_of_another_model_keeps_only_the_fields_its_family_shares(tmp_path):
+    """ResNet-50's loop starts from experiments.resnet, whose shortcut='A' makes its own
+    CIFAR net: the benchmark's model keeps its option B, as the command line would build it."""
+    config = device.loop_config("resnet50", "bfloat16", "raw", device.PROFILES["cpu"], str(tmp_path))
+    assert config.model_name == "resnet50" and "shortcut" not in config.model
+    assert config.model.dtype == "bfloat16"
