@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 
-
 from benchmarks import device_report, train_loop, train_step
 from benchmarks.train_step import progress
 
