@@ -57,7 +57,8 @@ def describe(name: str) -> dict:
     """What the experiment trains, read from its own config."""
     config = __import__(f"experiments.{name}", fromlist=["get_config"]).get_config()
     return {"model": config.model_name, "input": config.input_size, "channels": config.channels,
-            "epochs": config.num_epochs, "batch": config.batch_size, "learning_rate": config.learning_rate}
+            "epochs": config.num_epochs, "batch": config.batch_size, "learning_rate": config.learning_rate,
+            "schedule": config.schedule}
 
 
 def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
