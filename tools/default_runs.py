@@ -8,7 +8,9 @@ Runs `python -m experiments.<name> --config.seed=S` exactly as a user does (a fr
 its own workdir under --runs), times it, and reads its result line and its metrics.jsonl:
 the final top-1/top-5 error, the best evaluation on the way, the wall time. Some experiments
 at the default seeds replace their entries in docs/default_runs.json and keep the others,
-provided those were measured on the same machine and versions (else all must be rerun).
+provided those were measured on the same machine and versions (else all must be rerun); a
+full rerun on another machine keeps the previous machine's results beside the table, as
+the same seeds elsewhere.
 Once every experiment is there, the table between the README's markers is rewritten from
 the JSON, with the machine and the jax/jaxlib versions it ran on. About 80 minutes on 2 CPU
 cores for all five at 5 seeds.
@@ -35,8 +37,7 @@ BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
 
 
 def machine(dated: bool = True) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-               platform.processor() or platform.machine())
+    cpu = f"{_field('model name') or platform.processor() or platform.machine()}{_isa()}"
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("jax", "jaxlib", "flax"))
     described = f"{versions}, Python {platform.python_version()}, {cpu}, {_cores()} cores"
     return f"{described}, {time.strftime('%Y-%m-%d')}" if dated else described
@@ -47,6 +48,20 @@ def _cpuinfo() -> list[str]:
         return pathlib.Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return []
+
+
+def _field(name: str) -> str:
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.split(":")[0].strip() == name), "")
+
+
+def _isa() -> str:
+    """Family, model and widest vector unit: two CPUs of one name (AMD EPYC) differ in them,
+    and XLA's float32 code, so a run's digits, differs with them."""
+    if not _field("cpu family"):
+        return ""
+    flags = _field("flags").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f" (family {_field('cpu family')} model {_field('model')}, {vector})"
 
 
 def _cores() -> int:
@@ -83,13 +98,16 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
         raise RuntimeError(f"experiments.{name} seed {seed}: no result to read in {workdir} ({err})") from None
 
 
-def _kept(path: pathlib.Path, rerun: list[str]) -> dict | None:
-    """The other experiments' results in `path`, in the table's order, if measured here on these versions."""
+def _read(path: pathlib.Path) -> dict | None:
     try:
-        old = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not old.get("machine", "").startswith(machine(dated=False) + ","):
+
+
+def _kept(old: dict | None, rerun: list[str]) -> dict | None:
+    """The other experiments' results in `old`, in the table's order, if measured here on these versions."""
+    if old is None or not old.get("machine", "").startswith(machine(dated=False) + ","):
         return None
     return {n: old["results"][n] for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
 
@@ -111,7 +129,23 @@ def render(data: dict) -> str:
                     f"{f'{minutes} min ' if minutes else ''}{seconds} s | {_spread([r['top1_error'] for r in runs])} | "
                     f"{_spread([r['top5_error'] for r in runs])} | {drop * 100:.1f} points |")
     seeds = sorted({r["seed"] for e in data["results"].values() for r in e["runs"]})
-    return "\n".join([*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {data['machine']}."])
+    lines = [*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {data['machine']}."]
+    other = data.get("elsewhere")
+    if other:
+        lines += ["", f"The same seeds on {other['machine']}, top-1 error: " + "; ".join(
+            f"`{name}` {_spread([r['top1_error'] for r in entry['runs']])}"
+            for name, entry in other["results"].items()) + "."]
+    return "\n".join(lines)
+
+
+def elsewhere(old: dict | None, rerun_all: bool) -> dict | None:
+    """The comparison kept beside a new table: a full rerun on another machine turns the
+    previous results into it; otherwise the one recorded before stays."""
+    if not old:
+        return None
+    if rerun_all and not old.get("machine", "").startswith(machine(dated=False) + ","):
+        return {"machine": old["machine"], "results": old["results"]}
+    return old.get("elsewhere")
 
 
 def main(argv=None) -> int:
@@ -130,12 +164,15 @@ def main(argv=None) -> int:
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     data = {"machine": machine(), "results": {}}
+    old = _read(args.out) if default_out else None
     if default_out and names != list(EXPERIMENTS):
-        kept = _kept(args.out, names)
+        kept = _kept(old, names)
         if kept is None:
             parser.error(f"{args.out} is missing or was measured on another machine or versions: "
                          "rerun every experiment (no --experiments)")
         data["results"] = kept
+    if elsewhere(old, names == list(EXPERIMENTS)):
+        data["elsewhere"] = elsewhere(old, names == list(EXPERIMENTS))
     print(data["machine"], flush=True)
     total, done = len(names) * args.seeds, 0
     for name in names:
@@ -153,6 +190,7 @@ def main(argv=None) -> int:
             runs.append(run)
         data["results"][name] = {"config": describe(name), "runs": runs}
         data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
+        data = {k: data[k] for k in ("machine", "results", "elsewhere") if k in data}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
