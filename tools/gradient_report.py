@@ -42,7 +42,7 @@ def measure(name: str) -> dict:
     move by a relative 1e-6 (above 1e-5: the batch sits on a tie, and float32 may differ
     from float64 there with nothing wrong)."""
     paths = tg.paths_of(name)
-    row = {"ties": max((worst(tg.tie_jump(name, shards)) for shards in {tg._shards(p) for p in paths}),
+    row = {"ties": max((worst(tg.tie_jump(name, shards)) for shards in tg.shard_counts(name)),
                        key=lambda found: found[1])}
     for path in paths:
         row[path] = worst(tg.deviations(tg.project_update(name, path), tg.float64_update(name, tg._shards(path))))
