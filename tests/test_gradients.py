@@ -23,6 +23,7 @@ its largest float64 update (or 1e-3 of the model's largest, if that is larger).
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import chex
 import jax
@@ -35,7 +36,7 @@ from cnn_jax import get_model, optim, parallel, weights
 from cnn_jax.train import create_train_state, eval_step, train_step
 
 LR, MOMENTUM, DECAY, AUX_WEIGHT = 0.01, 0.9, 5e-4, 0.3
-FLOOR = 2e-5  # the smallest tolerance; float32 PyTorch deviates by up to 2.2e-6 here
+FLOOR = 2e-5  # the smallest tolerance; float32 PyTorch deviates by up to 2.9e-6 here
 BATCH, CLASSES = 4, 10
 
 SPECS = {  # name: (fields, input shape)
@@ -214,10 +215,15 @@ def _cases():
         yield from (pytest.param(name, path, id=f"{name}-{path}") for path in paths_of(name))
 
 
+def tie_shards(name: str, path: str) -> int:
+    """The reference whose ties matter for `path`: with batch norm, the pmap runner's (statistics
+    over each device's half of the batch) is another function, with its own ties; without, the
+    gradient averaged over two halves is the whole batch's, and one check covers every path."""
+    return _shards(path) if _start(name)[2].batch_stats else 1
+
+
 def shard_counts(name: str) -> set[int]:
-    """The references `name`'s paths compare with: with batch norm, the pmap runner's (statistics
-    over each device's half of the batch) is another function, with its own ties."""
-    return {_shards(path) for path in paths_of(name)} if _start(name)[2].batch_stats else {1}
+    return {tie_shards(name, path) for path in paths_of(name)}
 
 
 @pytest.mark.parametrize("name", JUDGED)
@@ -228,7 +234,7 @@ def test_the_batch_is_clear_of_ties(name):
 
 @pytest.mark.parametrize("name, path", _cases())
 def test_first_update_matches_float64(name, path):
-    check_clear_of_ties(name, _shards(path) if _start(name)[2].batch_stats else 1)
+    check_clear_of_ties(name, tie_shards(name, path))
     tolerance = torch_tolerance(name) if name in TORCH_LAYOUTS else FLOOR
     _check(deviations(project_update(name, path), float64_update(name, _shards(path))), tolerance,
            f"{name} via {path}")
@@ -329,8 +335,10 @@ def torch_update(name: str, dtype: str) -> dict:
 
 
 def torch_tolerance(name: str) -> dict[str, float]:
-    """Per layer: 10x float32 PyTorch's deviation from float64 PyTorch, at least FLOOR."""
-    pytest.importorskip("torch")
+    """Per layer: 10x float32 PyTorch's deviation from float64 PyTorch, at least FLOOR; FLOOR
+    itself without torch (the stricter bound, so the test still runs)."""
+    if importlib.util.find_spec("torch") is None:
+        return FLOOR
     own = deviations(torch_update(name, "float32"), torch_update(name, "float64"))
     return {k: max(FLOOR, 10 * v) for k, v in own.items()}
 

@@ -19,6 +19,7 @@ cores for all five at 5 seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -43,6 +44,7 @@ def machine(dated: bool = True) -> str:
     return f"{described}, {time.strftime('%Y-%m-%d')}" if dated else described
 
 
+@functools.cache
 def _cpuinfo() -> list[str]:
     try:
         return pathlib.Path("/proc/cpuinfo").read_text().splitlines()
@@ -99,15 +101,22 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
 
 
 def _read(path: pathlib.Path) -> dict | None:
+    """The results file at `path`, or None where there is none to read (missing, not JSON, no results)."""
     try:
-        return json.loads(path.read_text())
+        old = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return old if isinstance(old, dict) and isinstance(old.get("results"), dict) else None
+
+
+def _measured_here(old: dict) -> bool:
+    """Whether `old` was measured on this machine and these versions (its date aside)."""
+    return old.get("machine", "").startswith(machine(dated=False) + ",")
 
 
 def _kept(old: dict | None, rerun: list[str]) -> dict | None:
     """The other experiments' results in `old`, in the table's order, if measured here on these versions."""
-    if old is None or not old.get("machine", "").startswith(machine(dated=False) + ","):
+    if old is None or not _measured_here(old):
         return None
     return {n: old["results"][n] for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
 
@@ -143,7 +152,7 @@ def elsewhere(old: dict | None, rerun_all: bool) -> dict | None:
     previous results into it; otherwise the one recorded before stays."""
     if not old:
         return None
-    if rerun_all and not old.get("machine", "").startswith(machine(dated=False) + ","):
+    if rerun_all and not _measured_here(old):
         return {"machine": old["machine"], "results": old["results"]}
     return old.get("elsewhere")
 
@@ -163,16 +172,15 @@ def main(argv=None) -> int:
     default_out = args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve()
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
-    data = {"machine": machine(), "results": {}}
     old = _read(args.out) if default_out else None
+    other = elsewhere(old, names == list(EXPERIMENTS))
+    data = {"machine": machine(), "results": {}, **({"elsewhere": other} if other else {})}
     if default_out and names != list(EXPERIMENTS):
         kept = _kept(old, names)
         if kept is None:
             parser.error(f"{args.out} is missing or was measured on another machine or versions: "
                          "rerun every experiment (no --experiments)")
         data["results"] = kept
-    if elsewhere(old, names == list(EXPERIMENTS)):
-        data["elsewhere"] = elsewhere(old, names == list(EXPERIMENTS))
     print(data["machine"], flush=True)
     total, done = len(names) * args.seeds, 0
     for name in names:
@@ -190,7 +198,6 @@ def main(argv=None) -> int:
             runs.append(run)
         data["results"][name] = {"config": describe(name), "runs": runs}
         data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
-        data = {k: data[k] for k in ("machine", "results", "elsewhere") if k in data}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")

@@ -39,8 +39,8 @@ def worst(found: dict[str, float]) -> tuple[str, float]:
 
 def measure(name: str) -> dict:
     """Each path's worst layer, and how far the float64 update itself moves when the weights
-    move by a relative 1e-6 (above 1e-5: the batch sits on a tie, and float32 may differ
-    from float64 there with nothing wrong)."""
+    move by a relative 1e-6 (above 1e-5, and not shrinking in proportion to the move: the
+    batch sits on a tie, and float32 may differ from float64 there with nothing wrong)."""
     paths = tg.paths_of(name)
     row = {"ties": max((worst(tg.tie_jump(name, shards)) for shards in tg.shard_counts(name)),
                        key=lambda found: found[1])}
