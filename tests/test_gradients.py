@@ -86,28 +86,35 @@ def float64_update(name: str, shards: int) -> dict:
     return probed_update(name, shards, 0.0)
 
 
+@functools.cache
+def _float64_grad(name: str):
+    """The gradient of the loss in float64 JAX, compiled once per family (the tie check
+    evaluates it at several weights); loss and rule written out here."""
+    model = get_model(name, num_classes=CLASSES, dtype=jnp.float64, param_dtype=jnp.float64, **SPECS[name][0])
+
+    def loss(params, stats, images, labels):
+        variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+        out = model.apply(variables, images, train=True, mutable=["batch_stats"] if stats else False)
+        out = out[0] if stats else out
+        logits, aux = (out["logits"], out["aux_logits"]) if isinstance(out, dict) else (out, ())
+        return _cross_entropy(logits, labels) + sum(AUX_WEIGHT * _cross_entropy(a, labels) for a in aux)
+
+    return jax.jit(jax.grad(loss))
+
+
 def probed_update(name: str, shards: int, probe: float) -> dict:
     """The first update in float64 JAX, its gradient the mean over `shards` equal parts of
-    the batch (pmap: batch-norm statistics per device); loss and rule written out here.
+    the batch (pmap: batch-norm statistics per device).
     `probe`: every weight w is first moved to w * (1 + probe * n), n a fixed normal draw."""
     _, shape, state = _start(name)
     batch = batch_of(name)
     rng = np.random.default_rng(99)
     with jax.enable_x64(True):
-        model = get_model(name, num_classes=CLASSES, dtype=jnp.float64, param_dtype=jnp.float64, **SPECS[name][0])
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.params)
         params = jax.tree.map(lambda a: a * (1 + probe * rng.normal(size=a.shape)), params)
         stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.batch_stats)
-
-        def loss(params, images, labels):
-            variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-            out = model.apply(variables, images, train=True, mutable=["batch_stats"] if stats else False)
-            out = out[0] if stats else out
-            logits, aux = (out["logits"], out["aux_logits"]) if isinstance(out, dict) else (out, ())
-            return _cross_entropy(logits, labels) + sum(AUX_WEIGHT * _cross_entropy(a, labels) for a in aux)
-
-        grad = jax.jit(jax.grad(loss))
-        parts = [grad(params, jnp.asarray(x, jnp.float64), jnp.asarray(y))
+        grad = _float64_grad(name)
+        parts = [grad(params, stats, jnp.asarray(x, jnp.float64), jnp.asarray(y))
                  for x, y in zip(np.split(batch["image"], shards), np.split(batch["label"], shards))]
         grads = jax.tree.map(lambda *g: sum(g) / shards, *parts)
         return jax.device_get(jax.tree.map(lambda g, w: -LR * (g + DECAY * w), grads, params))
