@@ -116,7 +116,8 @@ class BatchNorm(nn.Module):
     the zoo uses (`use_running_average`, `momentum`, `epsilon`, dtypes, initialisers).
 
     The same variables ('params': scale, bias; 'batch_stats': mean, var), statistics
-    (biased variance, E[x^2] - E[x]^2, in at least float32 whatever `dtype`), running averages and
+    (biased variance, in at least float32 whatever `dtype`; computed in two passes,
+    mean((x - mean)^2), where flax's default E[x^2] - E[x]^2 cancels in float32), running averages and
     output dtype; its sums are `channel_sums` products and its derivative is written out
     (reverse mode only: `jax.jvp` through it is refused). No cross-device `axis_name`:
     statistics are per device under `pmap`.

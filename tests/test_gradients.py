@@ -47,7 +47,7 @@ SPECS = {  # name: (fields, input shape)
     "vgg11": ({"dropout_rate": 0.0}, (32, 32, 3)),
     "vgg11_bn": ({"dropout_rate": 0.0}, (32, 32, 3)),
     "googlenet": ({"dropout_rate": 0.0, "aux_dropout_rate": 0.0}, (80, 80, 3)),  # aux pools need 4a >= 5
-    "resnet18": ({}, (32, 32, 3)),
+    "resnet18": ({}, (64, 64, 3)),  # 2x2 at the last stage: 8 values a channel on a pmap device
     "resnet50": ({}, (32, 32, 3)),
     "resnet20_cifar": ({}, (8, 8, 3)),
 }
@@ -56,7 +56,8 @@ PATHS = ("jit_runner", "pmap_runner", "own_jit")
 
 # The batch of each family: one whose float64 forward pass has no ReLU input or max-pool
 # window within float32's rounding of a tie (checked by `test_the_batch_is_clear_of_ties`).
-BATCH_SEEDS = {"alexnet": 1, "alexnet_2tower": 5}  # seeds 0, 2 and 0-4, 7 sit on ties
+BATCH_SEEDS = {"alexnet": 1, "alexnet_2tower": 5,  # seeds 0, 2 and 0-4, 7 sit on ties
+               "vgg11_bn": 8, "resnet18": 3}  # 0-7, 9 and 0-2, 4-5 do (see JUDGED)
 
 
 def batch_of(name: str) -> dict:
@@ -208,9 +209,12 @@ def check_clear_of_ties(name: str, shards: int):
 
 
 # Judged at the rule. The others (`python -m tools.gradient_report` measures them) sit on or
-# near ties on every batch tried: GoogLeNet's many max-pool windows, and batch norm over the
-# 2-4 values a channel that these inputs leave at the last stages of VGG/BN and ResNet-18/50.
-JUDGED = ("lenet5", "lenet5_modern", "alexnet", "alexnet_2tower", "vgg11", "resnet20_cifar")
+# near ties on every batch tried: GoogLeNet's many max-pool windows, ResNet-50's many ReLUs.
+# Batch norm over a few values amplifies: the probe misses some ties there (VGG-11/BN's batch
+# seeds 2 and 7 pass it, yet float32 PyTorch moves 1e-1 off float64 on them), so a batch-norm
+# network is judged only on a batch where float32 PyTorch, too, stays near float64.
+JUDGED = ("lenet5", "lenet5_modern", "alexnet", "alexnet_2tower", "vgg11", "vgg11_bn", "resnet18",
+          "resnet20_cifar")
 
 
 def paths_of(name: str) -> tuple[str, ...]:
@@ -242,7 +246,7 @@ def test_the_batch_is_clear_of_ties(name):
 @pytest.mark.parametrize("name, path", _cases())
 def test_first_update_matches_float64(name, path):
     check_clear_of_ties(name, tie_shards(name, path))
-    tolerance = torch_tolerance(name) if name in TORCH_LAYOUTS else FLOOR
+    tolerance = torch_tolerance(name, tie_shards(name, path)) if name in TORCH_LAYOUTS else FLOOR
     _check(deviations(project_update(name, path), float64_update(name, _shards(path))), tolerance,
            f"{name} via {path}")
     velocity, before, after = project_step(name, path)  # ... and the step adds that update, rounded once
@@ -313,7 +317,34 @@ def _lenet5_layout():
     return net, layout
 
 
-TORCH_LAYOUTS = {"alexnet": _alexnet_layout, "lenet5": _lenet5_layout}
+def _torchvision_layout(name: str):
+    """torchvision's network (written out in `tests/torchvision_reference.py`), its layers
+    found by `cnn_jax.weights.layers` (the same prefixes that load torchvision's weights)."""
+    import torch
+    from torchvision_reference import VGG, ResNet
+
+    model, shape, state = _start(name)
+    if name.startswith("vgg"):  # below 224x224 no 7x7 pool: fc6 reads the last feature map itself
+        net = VGG(int(name[3:5]), name.endswith("_bn"), CLASSES)
+        net.avgpool, net.classifier[0] = torch.nn.Identity(), torch.nn.Linear(512 * (shape[0] // 32) ** 2, 4096)
+    else:
+        net = ResNet(int(name.removeprefix("resnet")), CLASSES)
+    tensors = dict(net.named_parameters())
+    kernels = {"conv": _conv, "dense": _dense}
+    layout = {}
+    for layer in weights.layers(model, {"params": state.params}):
+        leaves = {"scale": "weight", "bias": "bias"} if layer.kind == "bn" else {"kernel": "weight", "bias": "bias"}
+        for leaf, torch_name in leaves.items():
+            pair = (_dense_chw(layer.channels) if layer.kind == "dense_chw" else kernels[layer.kind]()
+                    ) if leaf == "kernel" else _vector()
+            if f"{layer.prefix}.{torch_name}" in tensors:
+                layout["/".join((*layer.path, leaf))] = (tensors[f"{layer.prefix}.{torch_name}"], pair)
+    return net, layout
+
+
+TORCH_LAYOUTS = {"alexnet": _alexnet_layout, "lenet5": _lenet5_layout,
+                 "vgg11_bn": functools.partial(_torchvision_layout, "vgg11_bn"),
+                 "resnet18": functools.partial(_torchvision_layout, "resnet18")}
 
 
 def _flat(tree) -> dict:
@@ -321,32 +352,42 @@ def _flat(tree) -> dict:
 
 
 @functools.cache
-def torch_update(name: str, dtype: str) -> dict:
+def torch_update(name: str, dtype: str, shards: int = 1) -> dict:
     """The first update of the PyTorch counterpart, from the same weights and batch, in
-    `dtype` ('float32' or 'float64'), as a flat {'conv1/kernel': array} in JAX's layout."""
+    `dtype` ('float32' or 'float64'), its gradient the mean over `shards` equal parts of the
+    batch (batch norm in training mode, over each part), as a flat {'conv1/kernel': array}
+    in JAX's layout."""
     import torch
 
     _, shape, state = _start(name)
     net, layout = TORCH_LAYOUTS[name]()
-    net = net.to(getattr(torch, dtype)).eval()  # dropout is off in the JAX model too
     params = _flat(state.params)
+    assert set(layout) == set(params), f"{name}: PyTorch counterpart misses {sorted(set(params) - set(layout))}"
+    for module in net.modules():  # dropout is off in the JAX model too
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    net = net.to(getattr(torch, dtype)).train()
     with torch.no_grad():
         for path, (tensor, (to_torch, _)) in layout.items():
             tensor.copy_(torch.tensor(to_torch(np.asarray(params[path]))))
     batch = batch_of(name)
-    images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2)).to(getattr(torch, dtype))
-    logits = net(images)
-    torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["label"]).long()).backward()
-    return {path: to_jax((-LR * (tensor.grad + DECAY * tensor)).detach().double().numpy())
+    for images, labels in zip(np.split(batch["image"], shards), np.split(batch["label"], shards)):
+        logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2)).to(getattr(torch, dtype)))
+        torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long()).backward()
+    return {path: to_jax((-LR * (tensor.grad / shards + DECAY * tensor)).detach().double().numpy())
             for path, (tensor, (_, to_jax)) in layout.items()}
 
 
-def torch_tolerance(name: str) -> dict[str, float]:
+def torch_tolerance(name: str, shards: int = 1) -> dict[str, float]:
     """Per layer: 10x float32 PyTorch's deviation from float64 PyTorch, at least FLOOR; FLOOR
-    itself without torch (the stricter bound, so the test still runs)."""
+    itself without torch (the stricter bound, so the test still runs), except under batch
+    norm, where float32's own error exceeds it (a bias before batch norm has gradient 0 and
+    keeps only float32's cancellation: 4.5e-4 of the scale in PyTorch, VGG-11/BN's conv1_1)."""
     if importlib.util.find_spec("torch") is None:
+        if _start(name)[2].batch_stats:
+            pytest.skip(f"{name}: its tolerance is float32 PyTorch's own error, and torch is not installed")
         return FLOOR
-    own = deviations(torch_update(name, "float32"), torch_update(name, "float64"))
+    own = deviations(torch_update(name, "float32", shards), torch_update(name, "float64", shards))
     return {k: max(FLOOR, 10 * v) for k, v in own.items()}
 
 
@@ -355,5 +396,6 @@ def torch_tolerance(name: str) -> dict[str, float]:
 def test_float64_reference_equals_pytorch(name):
     """The float64 JAX update is the float64 PyTorch update of an independent code."""
     pytest.importorskip("torch")
-    _check(deviations(_flat(float64_update(name, 1)), torch_update(name, "float64")), 1e-9,
-           f"{name}: float64 JAX against float64 PyTorch")
+    for shards in shard_counts(name):
+        _check(deviations(_flat(float64_update(name, shards)), torch_update(name, "float64", shards)), 1e-9,
+               f"{name} ({shards} part(s)): float64 JAX against float64 PyTorch")

@@ -224,6 +224,33 @@ def test_batch_norm_equals_flax(train):
     chex.assert_trees_all_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_batch_norm_holds_when_the_mean_dwarfs_the_spread():
+    """A channel whose values sit far from zero (8 values at 50 +- 0.01): float32's one-pass
+    E[x^2] - E[x]^2 cancels to nothing there, so the normalised output and the gradient
+    below it would be wrong. Checked against the textbook formula in float64 NumPy."""
+    rng = np.random.default_rng(0)
+    x = (50.0 + 0.01 * rng.normal(size=(2, 2, 2, 3))).astype(np.float32)
+    cotangent = rng.normal(size=x.shape).astype(np.float32)
+    one_pass = np.mean(np.square(x), axis=(0, 1, 2)) - np.square(np.mean(x, axis=(0, 1, 2)))
+    exact = np.var(x.astype(np.float64), axis=(0, 1, 2))
+    assert np.max(np.abs(one_pass - exact) / exact) > 0.5  # the data does defeat one pass
+
+    def textbook(x):  # y and d<y, cotangent>/dx in float64
+        x = x.astype(np.float64)
+        mean, inv = x.mean(axis=(0, 1, 2)), 1 / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+        xhat, n = (x - mean) * inv, x.size // x.shape[-1]
+        g = cotangent.astype(np.float64)
+        return xhat, inv * (g - (g.sum(axis=(0, 1, 2)) + xhat * (g * xhat).sum(axis=(0, 1, 2))) / n)
+
+    module = layers.BatchNorm(epsilon=1e-5)
+    variables = module.init(jax.random.key(0), x)
+    y, pullback = jax.vjp(lambda x: module.apply(variables, x, mutable=["batch_stats"])[0], jnp.asarray(x))
+    y_ref, dx_ref = textbook(x)
+    chex.assert_trees_all_close(y, y_ref.astype(np.float32), rtol=1e-3, atol=1e-3)
+    chex.assert_trees_all_close(pullback(jnp.asarray(cotangent))[0], dx_ref.astype(np.float32), rtol=1e-2,
+                                atol=1e-2 * np.abs(dx_ref).max())
+
+
 def test_channel_sums_equal_a_reduction():
     x = jax.random.normal(jax.random.key(0), (3, 4, 5, 7))
     chex.assert_trees_all_close(layers.channel_sums(x), x.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
