@@ -24,7 +24,7 @@ import pytest
 
 from cnn_jax import get_model, optim, parallel, weights
 from cnn_jax.train import create_train_state, eval_step, train_step
-from test_gradients import CLASSES, _alexnet_layout  # noqa: E402 - tests/, beside this file
+from test_gradients import CLASSES, _alexnet_layout, without_dropout  # noqa: E402 - tests/, beside this file
 
 torch = pytest.importorskip("torch")
 import torchvision_reference as tv  # noqa: E402
@@ -80,10 +80,7 @@ def _torch_net(name: str, params, variables, model):
     with torch.no_grad():
         for n, t in net.named_parameters():
             t.copy_(torch.from_numpy(np.array(to_torch(params)[n])))
-    for m in net.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return net.train(), to_torch
+    return without_dropout(net).train(), to_torch
 
 
 class TorchSide:

@@ -48,3 +48,18 @@ def test_default_runs_table_is_rendered_from_its_json():
         assert {k: today[k] for k in entry["config"]} == entry["config"], f"{name}: rerun python -m tools.default_runs"
     readme = ROOT / "README.md"
     assert rewrite(readme, default_runs.render(data), default_runs.BEGIN, default_runs.END) == readme.read_text()
+
+
+def test_default_runs_keep_only_comparable_results_elsewhere():
+    """A full rerun on another machine turns the old table into the comparison; rerunning some
+    experiments here (their code changed: here a run repeats digit for digit) drops theirs."""
+    from tools import default_runs
+
+    here, there = default_runs.machine(), "another machine, 2099-01-01"
+    results = {n: {"runs": [n]} for n in default_runs.EXPERIMENTS}
+    old_there = {"machine": there, "results": results}
+    assert default_runs.elsewhere(old_there, list(default_runs.EXPERIMENTS)) == old_there
+    old_here = {"machine": here, "results": results, "elsewhere": old_there}
+    kept = default_runs.elsewhere(old_here, ["resnet", "vgg"])
+    assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
+    assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) is None

@@ -147,14 +147,18 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
-def elsewhere(old: dict | None, rerun_all: bool) -> dict | None:
+def elsewhere(old: dict | None, rerun: list[str]) -> dict | None:
     """The comparison kept beside a new table: a full rerun on another machine turns the
-    previous results into it; otherwise the one recorded before stays."""
+    previous results into it; otherwise the one recorded before stays, less the experiments
+    rerun (on the same machine and versions a run repeats digit for digit, so rerunning one
+    means its code changed, and its results elsewhere no longer compare)."""
     if not old:
         return None
-    if rerun_all and not _measured_here(old):
+    if set(rerun) == set(EXPERIMENTS) and not _measured_here(old):
         return {"machine": old["machine"], "results": old["results"]}
-    return old.get("elsewhere")
+    before = old.get("elsewhere") or {}
+    kept = {n: r for n, r in before.get("results", {}).items() if n not in rerun}
+    return {**before, "results": kept} if kept else None
 
 
 def main(argv=None) -> int:
@@ -173,9 +177,9 @@ def main(argv=None) -> int:
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
-    other = elsewhere(old, names == list(EXPERIMENTS))
+    other = elsewhere(old, names)
     data = {"machine": machine(), "results": {}, **({"elsewhere": other} if other else {})}
-    if default_out and names != list(EXPERIMENTS):
+    if default_out and set(names) != set(EXPERIMENTS):
         kept = _kept(old, names)
         if kept is None:
             parser.error(f"{args.out} is missing or was measured on another machine or versions: "

@@ -18,13 +18,15 @@ if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts: 
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
 
 import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import time  # noqa: E402
 
-from benchmarks.train_step import machine as describe_machine  # noqa: E402
 from experiments.reproductions import rewrite  # noqa: E402
 from tests import test_gradients as tg  # noqa: E402
+from tools.default_runs import machine as describe_machine  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- gradients: begin -->", "<!-- gradients: end -->"
@@ -37,27 +39,35 @@ def worst(found: dict[str, float]) -> tuple[str, float]:
     return layer, found[layer]
 
 
+def worst_over_parts(name: str, found_for) -> tuple[str, float]:
+    """The worst layer of `found_for(shards)` over the parts of the batch the tests judge
+    `name` on (the whole batch, and with batch norm also each pmap device's half)."""
+    return max((worst(found_for(shards)) for shards in tg.shard_counts(name)), key=lambda found: found[1])
+
+
 def measure(name: str) -> dict:
     """Each path's worst layer, and how far the float64 update itself moves when the weights
     move by a relative 1e-6 (above 1e-5, and not shrinking in proportion to the move: the
     batch sits on a tie, and float32 may differ from float64 there with nothing wrong)."""
     paths = tg.paths_of(name)
-    row = {"ties": max((worst(tg.tie_jump(name, shards)) for shards in tg.shard_counts(name)),
-                       key=lambda found: found[1])}
+    row = {"ties": worst_over_parts(name, lambda shards: tg.tie_jump(name, shards))}
     for path in paths:
         row[path] = worst(tg.deviations(tg.project_update(name, path), tg.float64_update(name, tg._shards(path))))
     if name in tg.TORCH_LAYOUTS and importlib.util.find_spec("torch"):
-        row["pytorch_float32"] = worst(tg.deviations(tg.torch_update(name, "float32"), tg.torch_update(name, "float64")))
+        row["pytorch_float32"] = worst_over_parts(name, lambda shards: tg.deviations(
+            tg.torch_update(name, "float32", shards), tg.torch_update(name, "float64", shards)))
     return row
 
 
 def render(data: dict) -> str:
     """The Markdown table of a report: one row a family, one column a path."""
-    rows = [f"| family (input, batch seed) | {' | '.join(COLUMNS.values())} |", "|---|" + "---:|" * len(COLUMNS)]
+    rows = [f"| family (input, batch seed) | judged | {' | '.join(COLUMNS.values())} |",
+            "|---|---|" + "---:|" * len(COLUMNS)]
     for name, entry in data["results"].items():
         found = entry["worst"]
         cells = [f"{found[k][1]:.1e} ({found[k][0]})" if k in found else "" for k in COLUMNS]
-        rows.append(f"| `{name}` ({entry['input']}, {entry['seed']}) | {' | '.join(cells)} |")
+        judged = {True: "yes", False: "no"}.get(entry.get("judged"), "")
+        rows.append(f"| `{name}` ({entry['input']}, {entry['seed']}) | {judged} | {' | '.join(cells)} |")
     return "\n".join([*rows, "", f"Measured with {data['machine']}."])
 
 
@@ -70,13 +80,14 @@ def main(argv=None):
     unknown = sorted(set(names) - set(tg.SPECS))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(tg.SPECS)}")
-    info = describe_machine()
-    machine = f"jax {info['jax']}, Python {info['python']}, {info['cpus']} cores ({info['processor']}), {info['date']}"
+    torch = importlib.util.find_spec("torch") and importlib.metadata.version("torch")
+    machine = f"{describe_machine(dated=False)}, {f'torch {torch}' if torch else 'without torch'}, {time.strftime('%Y-%m-%d')}"
     print(machine, flush=True)
     results = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} {tg.SPECS[name][1]} ...", flush=True)
-        results[name] = {"input": tg.SPECS[name][1][0], "seed": tg.BATCH_SEEDS.get(name, 0), "worst": measure(name)}
+        results[name] = {"input": tg.SPECS[name][1][0], "seed": tg.BATCH_SEEDS.get(name, 0),
+                         "judged": name in tg.JUDGED, "worst": measure(name)}
         for what, (layer, value) in results[name]["worst"].items():
             print(f"    {COLUMNS[what]:16s} {value:.1e}  ({layer})", flush=True)
     data = {"machine": machine, "results": results}
