@@ -138,13 +138,24 @@ def render(data: dict) -> str:
                     f"{f'{minutes} min ' if minutes else ''}{seconds} s | {_spread([r['top1_error'] for r in runs])} | "
                     f"{_spread([r['top5_error'] for r in runs])} | {drop * 100:.1f} points |")
     seeds = sorted({r["seed"] for e in data["results"].values() for r in e["runs"]})
-    lines = [*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {data['machine']}."]
+    lines = [*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {_dated(data)}."]
     other = data.get("elsewhere")
     if other:
         lines += ["", f"The same seeds on {other['machine']}, top-1 error: " + "; ".join(
             f"`{name}` {_spread([r['top1_error'] for r in entry['runs']])}"
             for name, entry in other["results"].items()) + "."]
     return "\n".join(lines)
+
+
+def _dated(data: dict) -> str:
+    """The machine, and the day each experiment ran on (a partial rerun keeps the others' days)."""
+    described, last = data["machine"].rsplit(", ", 1)
+    days: dict[str, list[str]] = {}
+    for name, entry in data["results"].items():
+        days.setdefault(entry.get("date", last), []).append(f"`{name}`")
+    if len(days) == 1:
+        return f"{described}, {next(iter(days))}"
+    return f"{described}, on " + " and ".join(f"{day} ({', '.join(names)})" for day, names in sorted(days.items()))
 
 
 def elsewhere(old: dict | None, rerun: list[str]) -> dict | None:
@@ -200,7 +211,7 @@ def main(argv=None) -> int:
             print(f"top-1 {run['top1_error']:.1%} (best {run['best_top1_error']:.1%}), {run['seconds']:.0f} s",
                   flush=True)
             runs.append(run)
-        data["results"][name] = {"config": describe(name), "runs": runs}
+        data["results"][name] = {"config": describe(name), "date": time.strftime("%Y-%m-%d"), "runs": runs}
         data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
