@@ -58,14 +58,21 @@ PATHS = ("jit_runner", "pmap_runner", "own_jit")
 # The batch of each family: one whose float64 forward pass has no ReLU input or max-pool
 # window within float32's rounding of a tie (checked by `test_the_batch_is_clear_of_ties`).
 BATCH_SEEDS = {"alexnet": 1, "alexnet_2tower": 5,  # seeds 0, 2 and 0-4, 7 sit on ties
-               "vgg11_bn": 8, "resnet18": 3}  # 0-7, 9 and 0-2, 4-5 refused (see JUDGED)
+               "vgg11_bn": 8, "googlenet": 10, "resnet18": 10}  # see JUDGED for the seeds refused
+# GoogLeNet's stride-1 max pools (one in every inception module) put a window within float32's
+# rounding of a tie on each of 60 batches of 4 at 80x80; 8 of 16 batches of 2 are clear.
+BATCH_SIZES = {"googlenet": 2}
+
+
+def batch_size(name: str) -> int:
+    return BATCH_SIZES.get(name, BATCH)
 
 
 def batch_of(name: str) -> dict:
     rng = np.random.default_rng(BATCH_SEEDS.get(name, 0))
-    shape = SPECS[name][1]
-    return {"image": rng.normal(size=(BATCH, *shape)).astype(np.float32),
-            "label": (np.arange(BATCH) * 3 % CLASSES).astype(np.int32)}
+    shape, size = SPECS[name][1], batch_size(name)
+    return {"image": rng.normal(size=(size, *shape)).astype(np.float32),
+            "label": (np.arange(size) * 3 % CLASSES).astype(np.int32)}
 
 
 def parts_of(name: str, shards: int):
@@ -148,7 +155,7 @@ def project_step(name: str, path: str):
         mesh = _mesh((1, 2) if path == "tower_mesh" else (2, 1))
         start = state.replace(apply_fn=parallel.apply_fn(model, mesh))
         mode = "pmap" if path == "pmap_runner" else "jit"
-        runner = parallel.make_runner(mode, mesh, model, start, step, eval_step, BATCH)
+        runner = parallel.make_runner(mode, mesh, model, start, step, eval_step, batch_size(name))
         new, _ = runner.step(runner.place_state(start), runner.place(batch), key, None)
         new = runner.host_state(new)
     velocity = optax.tree_utils.tree_get(new.opt_state, "velocity")
@@ -216,15 +223,18 @@ def check_clear_of_ties(name: str, shards: int):
                       f"when the weights move {TIE_PROBE:g}): choose another BATCH_SEEDS[{name!r}]")
 
 
-# Judged at the rule. The others (`python -m tools.gradient_report` measures them) sit on or
-# near ties on every batch tried: GoogLeNet's many max-pool windows, ResNet-50's many ReLUs.
-# Batch norm over a few values amplifies: the probe misses some ties there (VGG-11/BN's batch
-# seeds 2 and 7 pass it, yet float32 PyTorch moves 1e-1 off float64 on them), so a batch-norm
+# Judged at the rule. The others (`python -m tools.gradient_report` measures them) are too
+# near a tie on every batch tried for float32 to keep to one branch: ResNet-50's many ReLUs,
+# and ResNet-18's. Batch norm over a few values amplifies float32's rounding on its way
+# through the network, and the probe misses ties within reach of it: VGG-11/BN's batch seeds
+# 2 and 7 pass the probe, yet float32 PyTorch moves 1e-1 off float64 on them, so a batch-norm
 # network is judged only on a batch where float32 PyTorch, too, stays near float64.
-# ResNet-18 (64x64, batch seed 3) passes both, yet its pmap halves put float32 JAX 2.4e-1
-# off float64 at stage 3, on jaxlib 0.10.2 and 0.12 alike: the same digits whatever the
-# variance's formula, a branch taken, so measured, not judged.
-JUDGED = ("lenet5", "lenet5_modern", "alexnet", "alexnet_2tower", "vgg11", "vgg11_bn", "resnet20_cifar")
+# ResNet-18 (64x64) passes both on batch seeds 3 and 10 (22 of 30 seeds refused), yet float32
+# JAX crosses a tie there that a probe of 1e-5 finds: on seed 3 jaxlib 0.12's pmap halves land
+# 2.4e-1 off, on seed 10 a plain `jax.jit` on jaxlib 0.12 with XLA_FLAGS=--xla_cpu_max_isa=AVX
+# (another CPU's kernels) 2.8e-2 off. So it is measured, not judged.
+JUDGED = ("lenet5", "lenet5_modern", "alexnet", "alexnet_2tower", "vgg11", "vgg11_bn", "googlenet",
+          "resnet20_cifar")
 
 
 def paths_of(name: str) -> tuple[str, ...]:

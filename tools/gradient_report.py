@@ -61,13 +61,14 @@ def measure(name: str) -> dict:
 
 def render(data: dict) -> str:
     """The Markdown table of a report: one row a family, one column a path."""
-    rows = [f"| family (input, batch seed) | judged | {' | '.join(COLUMNS.values())} |",
+    rows = [f"| family (input, batch, its seed) | judged | {' | '.join(COLUMNS.values())} |",
             "|---|---|" + "---:|" * len(COLUMNS)]
     for name, entry in data["results"].items():
         found = entry["worst"]
         cells = [f"{found[k][1]:.1e} ({found[k][0]})" if k in found else "" for k in COLUMNS]
         judged = {True: "yes", False: "no"}.get(entry.get("judged"), "")
-        rows.append(f"| `{name}` ({entry['input']}, {entry['seed']}) | {judged} | {' | '.join(cells)} |")
+        rows.append(f"| `{name}` ({entry['input']}, {entry.get('batch', tg.BATCH)}, {entry['seed']}) | {judged} | "
+                    f"{' | '.join(cells)} |")
     return "\n".join([*rows, "", f"Measured with {data['machine']}."])
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
     results = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} {tg.SPECS[name][1]} ...", flush=True)
-        results[name] = {"input": tg.SPECS[name][1][0], "seed": tg.BATCH_SEEDS.get(name, 0),
+        results[name] = {"input": tg.SPECS[name][1][0], "batch": tg.batch_size(name), "seed": tg.BATCH_SEEDS.get(name, 0),
                          "judged": name in tg.JUDGED, "worst": measure(name)}
         for what, (layer, value) in results[name]["worst"].items():
             print(f"    {COLUMNS[what]:16s} {value:.1e}  ({layer})", flush=True)
