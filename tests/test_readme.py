@@ -28,7 +28,12 @@ def test_gradient_table_is_rendered_from_its_json():
     from tools import gradient_report
 
     data = json.loads((ROOT / "docs" / "gradients.json").read_text())
-    assert set(data["results"]) == set(gradient_report.tg.SPECS)  # every family measured
+    tg = gradient_report.tg
+    assert set(data["results"]) == set(tg.SPECS)  # every family measured ...
+    for name, entry in data["results"].items():  # ... on the batch and verdict the tests use today
+        today = {"input": tg.SPECS[name][1][0], "batch": tg.batch_size(name), "seed": tg.BATCH_SEEDS.get(name, 0),
+                 "judged": name in tg.JUDGED}
+        assert {k: entry.get(k) for k in today} == today, f"{name}: rerun python -m tools.gradient_report"
     readme = ROOT / "README.md"
     assert rewrite(readme, gradient_report.render(data), gradient_report.BEGIN, gradient_report.END) == readme.read_text()
 
@@ -63,3 +68,18 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
     kept = default_runs.elsewhere(old_here, ["resnet", "vgg"])
     assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
     assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) is None
+
+
+def test_default_runs_name_the_day_each_experiment_ran():
+    """A partial rerun keeps the others' days (an old file's own date where its results have none)."""
+    from tools import default_runs
+
+    old = {"machine": f"{default_runs.machine(dated=False)}, 2099-01-01",
+           "results": {n: {"runs": [n]} for n in default_runs.EXPERIMENTS}}
+    kept = default_runs._kept(old, ["resnet", "vgg"])
+    assert {n: e["date"] for n, e in kept.items()} == {n: "2099-01-01" for n in ("alexnet", "lenet", "googlenet")}
+    data = {"machine": "a machine, 2 cores, 2099-01-02",
+            "results": {**kept, "resnet": {"date": "2099-01-02"}, "vgg": {"date": "2099-01-02"}}}
+    assert default_runs._dated(data) == ("a machine, 2 cores, on 2099-01-01 (`alexnet`, `lenet`, `googlenet`) "
+                                         "and 2099-01-02 (`resnet`, `vgg`)")
+    assert default_runs._dated({**data, "results": kept}) == "a machine, 2 cores, 2099-01-01"

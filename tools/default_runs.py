@@ -118,7 +118,8 @@ def _kept(old: dict | None, rerun: list[str]) -> dict | None:
     """The other experiments' results in `old`, in the table's order, if measured here on these versions."""
     if old is None or not _measured_here(old):
         return None
-    return {n: old["results"][n] for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
+    day = old["machine"].rsplit(", ", 1)[-1]  # results written before each had its own day: the file's
+    return {n: {"date": day, **old["results"][n]} for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
 
 
 def _spread(values: list[float]) -> str:
