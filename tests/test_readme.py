@@ -28,11 +28,9 @@ def test_gradient_table_is_rendered_from_its_json():
     from tools import gradient_report
 
     data = json.loads((ROOT / "docs" / "gradients.json").read_text())
-    tg = gradient_report.tg
-    assert set(data["results"]) == set(tg.SPECS)  # every family measured ...
+    assert set(data["results"]) == set(gradient_report.tg.SPECS)  # every family measured ...
     for name, entry in data["results"].items():  # ... on the batch and verdict the tests use today
-        today = {"input": tg.SPECS[name][1][0], "batch": tg.batch_size(name), "seed": tg.BATCH_SEEDS.get(name, 0),
-                 "judged": name in tg.JUDGED}
+        today = gradient_report.batch_record(name)
         assert {k: entry.get(k) for k in today} == today, f"{name}: rerun python -m tools.gradient_report"
     readme = ROOT / "README.md"
     assert rewrite(readme, gradient_report.render(data), gradient_report.BEGIN, gradient_report.END) == readme.read_text()
@@ -57,7 +55,8 @@ def test_default_runs_table_is_rendered_from_its_json():
 
 def test_default_runs_keep_only_comparable_results_elsewhere():
     """A full rerun on another machine turns the old table into the comparison; rerunning some
-    experiments here (their code changed: here a run repeats digit for digit) drops theirs."""
+    experiments here with other results (their code changed: here a run repeats digit for
+    digit) drops theirs."""
     from tools import default_runs
 
     here, there = default_runs.machine(), "another machine, 2099-01-01"
@@ -68,6 +67,24 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
     kept = default_runs.elsewhere(old_here, ["resnet", "vgg"])
     assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
     assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) is None
+
+
+def test_a_rerun_that_repeats_its_results_keeps_them_elsewhere():
+    """Rerun here with the same results, digit for digit, an experiment's code did not change:
+    its results on other machines still compare."""
+    from tools import default_runs
+
+    def runs(top1):
+        return [{"seed": s, "top1_error": e, "top5_error": 0.0, "best_top1_error": e} for s, e in enumerate(top1)]
+
+    there = {"machine": "another machine, 2099-01-01", "results": {"alexnet": {"runs": runs([0.05, 0.04])}}}
+    old = {"machine": default_runs.machine(), "results": {"alexnet": {"runs": runs([0.05, 0.06])}}, "elsewhere": there}
+    again, other = runs([0.05, 0.06]), runs([0.05, 0.0633])
+    assert default_runs.repeats(old, "alexnet", [{**r, "seconds": 1.0} for r in reversed(again)])
+    assert not default_runs.repeats(old, "alexnet", other) and not default_runs.repeats(old, "lenet", again)
+    assert not default_runs.repeats({**old, "machine": there["machine"]}, "alexnet", again)  # measured elsewhere
+    assert default_runs.elsewhere(old, ["alexnet"], {"alexnet"}) == there
+    assert default_runs.elsewhere(old, ["alexnet"], set()) is None
 
 
 def test_default_runs_name_the_day_each_experiment_ran():

@@ -10,7 +10,8 @@ the final top-1/top-5 error, the best evaluation on the way, the wall time. Some
 at the default seeds replace their entries in docs/default_runs.json and keep the others,
 provided those were measured on the same machine and versions (else all must be rerun); a
 full rerun on another machine keeps the previous machine's results beside the table, as
-the same seeds elsewhere.
+the same seeds elsewhere (an experiment rerun here keeps its results elsewhere if it repeats
+its own digit for digit: its code did not change).
 Once every experiment is there, the table between the README's markers is rewritten from
 the JSON, with the machine and the jax/jaxlib versions it ran on. About 80 minutes on 2 CPU
 cores for all five at 5 seeds.
@@ -159,18 +160,26 @@ def _dated(data: dict) -> str:
     return f"{described}, on " + " and ".join(f"{day} ({', '.join(names)})" for day, names in sorted(days.items()))
 
 
-def elsewhere(old: dict | None, rerun: list[str]) -> dict | None:
+def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset()) -> dict | None:
     """The comparison kept beside a new table: a full rerun on another machine turns the
     previous results into it; otherwise the one recorded before stays, less the experiments
-    rerun (on the same machine and versions a run repeats digit for digit, so rerunning one
-    means its code changed, and its results elsewhere no longer compare)."""
+    rerun with other results (on the same machine and versions a run repeats digit for digit,
+    so other results mean its code changed, and its results elsewhere no longer compare)."""
     if not old:
         return None
     if set(rerun) == set(EXPERIMENTS) and not _measured_here(old):
         return {"machine": old["machine"], "results": old["results"]}
     before = old.get("elsewhere") or {}
-    kept = {n: r for n, r in before.get("results", {}).items() if n not in rerun}
+    kept = {n: r for n, r in before.get("results", {}).items() if n not in rerun or n in repeated}
     return {**before, "results": kept} if kept else None
+
+
+def repeats(old: dict | None, name: str, runs: list[dict]) -> bool:
+    """Whether `runs` give `old`'s results for `name` digit for digit, on this machine and these versions."""
+    if not old or not _measured_here(old) or name not in old.get("results", {}):
+        return False
+    result = lambda r: (r["seed"], r["top1_error"], r["top5_error"], r["best_top1_error"])  # noqa: E731
+    return sorted(map(result, old["results"][name]["runs"])) == sorted(map(result, runs))
 
 
 def main(argv=None) -> int:
@@ -189,8 +198,7 @@ def main(argv=None) -> int:
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
-    other = elsewhere(old, names)
-    data = {"machine": machine(), "results": {}, **({"elsewhere": other} if other else {})}
+    data = {"machine": machine(), "results": {}}
     if default_out and set(names) != set(EXPERIMENTS):
         kept = _kept(old, names)
         if kept is None:
@@ -214,6 +222,11 @@ def main(argv=None) -> int:
             runs.append(run)
         data["results"][name] = {"config": describe(name), "date": time.strftime("%Y-%m-%d"), "runs": runs}
         data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
+        same = {n for n in names if n in data["results"] and repeats(old, n, data["results"][n]["runs"])}
+        data.pop("elsewhere", None)
+        data.update({"elsewhere": other} if (other := elsewhere(old, names, same)) else {})
+        if same:
+            print(f"    {', '.join(sorted(same))}: the same results as before, digit for digit", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")

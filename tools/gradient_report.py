@@ -29,6 +29,7 @@ from tests import test_gradients as tg  # noqa: E402
 from tools.default_runs import machine as describe_machine  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "gradients.json"
 BEGIN, END = "<!-- gradients: begin -->", "<!-- gradients: end -->"
 COLUMNS = {"ties": "float64, weights moved 1e-6", "jit_runner": "jit runner", "pmap_runner": "pmap runner", "own_jit": "plain `jax.jit`",
            "tower_mesh": "two-tower mesh", "pytorch_float32": "float32 PyTorch"}
@@ -52,11 +53,18 @@ def measure(name: str) -> dict:
     paths = tg.paths_of(name)
     row = {"ties": worst_over_parts(name, lambda shards: tg.tie_jump(name, shards))}
     for path in paths:
-        row[path] = worst(tg.deviations(tg.project_update(name, path), tg.float64_update(name, tg._shards(path))))
+        reference = tg.float64_update(name, tg.reference_shards(name, path))
+        row[path] = worst(tg.deviations(tg.project_update(name, path), reference))
     if name in tg.TORCH_LAYOUTS and importlib.util.find_spec("torch"):
         row["pytorch_float32"] = worst_over_parts(name, lambda shards: tg.deviations(
             tg.torch_update(name, "float32", shards), tg.torch_update(name, "float64", shards)))
     return row
+
+
+def batch_record(name: str) -> dict:
+    """What identifies a family's measurement: its input, batch, batch seed and verdict."""
+    return {"input": tg.SPECS[name][1][0], "batch": tg.batch_size(name), "seed": tg.BATCH_SEEDS.get(name, 0),
+            "judged": name in tg.JUDGED}
 
 
 def render(data: dict) -> str:
@@ -67,7 +75,7 @@ def render(data: dict) -> str:
         found = entry["worst"]
         cells = [f"{found[k][1]:.1e} ({found[k][0]})" if k in found else "" for k in COLUMNS]
         judged = {True: "yes", False: "no"}.get(entry.get("judged"), "")
-        rows.append(f"| `{name}` ({entry['input']}, {entry.get('batch', tg.BATCH)}, {entry['seed']}) | {judged} | "
+        rows.append(f"| `{name}` ({entry['input']}, {entry['batch']}, {entry['seed']}) | {judged} | "
                     f"{' | '.join(cells)} |")
     return "\n".join([*rows, "", f"Measured with {data['machine']}."])
 
@@ -75,27 +83,29 @@ def render(data: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.gradient_report", description=__doc__.split("\n")[0])
     parser.add_argument("--families", default=",".join(tg.SPECS), help="comma-separated names")
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "gradients.json")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     names = [n for n in args.families.split(",") if n]
     unknown = sorted(set(names) - set(tg.SPECS))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(tg.SPECS)}")
+    if set(names) != set(tg.SPECS) and args.out.resolve() == DEFAULT_OUT.resolve():
+        parser.error(f"--families {args.families}: {DEFAULT_OUT.relative_to(ROOT)} holds every family; "
+                     "write some elsewhere with --out")
     torch = importlib.util.find_spec("torch") and importlib.metadata.version("torch")
     machine = f"{describe_machine(dated=False)}, {f'torch {torch}' if torch else 'without torch'}, {time.strftime('%Y-%m-%d')}"
     print(machine, flush=True)
     results = {}
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} {tg.SPECS[name][1]} ...", flush=True)
-        results[name] = {"input": tg.SPECS[name][1][0], "batch": tg.batch_size(name), "seed": tg.BATCH_SEEDS.get(name, 0),
-                         "judged": name in tg.JUDGED, "worst": measure(name)}
+        results[name] = {**batch_record(name), "worst": measure(name)}
         for what, (layer, value) in results[name]["worst"].items():
             print(f"    {COLUMNS[what]:16s} {value:.1e}  ({layer})", flush=True)
     data = {"machine": machine, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {args.out}")
-    if args.out.resolve() == (ROOT / "docs" / "gradients.json").resolve() and set(names) == set(tg.SPECS):
+    if args.out.resolve() == DEFAULT_OUT.resolve():
         (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
         print("wrote the table to README.md")
 
