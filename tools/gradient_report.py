@@ -50,6 +50,7 @@ def measure(name: str) -> dict:
     """Each path's worst layer, and how far the float64 update itself moves when the weights
     move by a relative 1e-6 (above 1e-5, and not shrinking in proportion to the move: the
     batch sits on a tie, and float32 may differ from float64 there with nothing wrong)."""
+    tg.one_family_at_a_time(name)  # the families before it are done: their references go
     paths = tg.paths_of(name)
     row = {"ties": worst_over_parts(name, lambda shards: tg.tie_jump(name, shards))}
     for path in paths:
