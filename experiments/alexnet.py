@@ -1,11 +1,12 @@
 """AlexNet (Krizhevsky et al. 2012): `python -m experiments.alexnet`.
 
 Default: the paper's network, optimiser and preprocessing on the offline digits dataset,
-3 epochs in about 4 1/2 minutes on 2 CPU cores. Two departures, printed at start: He-normal
-initialisation with zero biases, because the paper's N(0, 0.01) with biases 1 sits at
-ln(10) for 125+ steps on this data (and LeCun-normal for about 40 of the first 92); and the rate
-divided by 10 once at 3/4 of the run rather than on a plateau of the validation error, which
-a 3-epoch run does not reach (at 2 epochs, it took seed 3 from 14.7% to 5.3%). ImageNet:
+3 epochs in about 5 minutes on 2 CPU cores (the README's default runs table has the
+measured times). Two departures, printed at start: He-normal initialisation with zero
+biases, because the paper's N(0, 0.01) with biases 1 sits at ln(10) for 125+ steps on this
+data (and LeCun-normal for about 40 of the first 92); and the rate divided by 10 once at 3/4
+of the run rather than on a plateau of the validation error, which a 3-epoch run does not
+reach (at 2 epochs, it took seed 3 from 14.7% to 5.3%). ImageNet:
 
     python -m experiments.alexnet --config.dataset=imagenet2012 --config.data_dir=/data/tfds \\
         --config.model.init_scheme=paper --config.schedule=plateau --config.num_epochs=90 \\
