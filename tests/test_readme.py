@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -62,11 +64,14 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
     here, there = default_runs.machine(), "another machine, 2099-01-01"
     results = {n: {"runs": [n]} for n in default_runs.EXPERIMENTS}
     old_there = {"machine": there, "results": results}
-    assert default_runs.elsewhere(old_there, list(default_runs.EXPERIMENTS)) == old_there
-    old_here = {"machine": here, "results": results, "elsewhere": old_there}
-    kept = default_runs.elsewhere(old_here, ["resnet", "vgg"])
+    assert default_runs.elsewhere(old_there, list(default_runs.EXPERIMENTS)) == [old_there]
+    old_here = {"machine": here, "results": results, "elsewhere": old_there}  # an older file's one machine
+    [kept] = default_runs.elsewhere(old_here, ["resnet", "vgg"])
     assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
-    assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) is None
+    assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) == []
+    third = {"machine": "a third machine, 2099-01-02", "results": {"vgg": {"runs": ["vgg"]}}}
+    assert default_runs.elsewhere({**old_here, "elsewhere": [old_there, third]}, ["vgg"]) == [
+        {"machine": there, "results": {n: r for n, r in results.items() if n != "vgg"}}]
 
 
 def test_a_rerun_that_repeats_its_results_keeps_them_elsewhere():
@@ -83,8 +88,45 @@ def test_a_rerun_that_repeats_its_results_keeps_them_elsewhere():
     assert default_runs.repeats(old, "alexnet", [{**r, "seconds": 1.0} for r in reversed(again)])
     assert not default_runs.repeats(old, "alexnet", other) and not default_runs.repeats(old, "lenet", again)
     assert not default_runs.repeats({**old, "machine": there["machine"]}, "alexnet", again)  # measured elsewhere
-    assert default_runs.elsewhere(old, ["alexnet"], {"alexnet"}) == there
-    assert default_runs.elsewhere(old, ["alexnet"], set()) is None
+    assert default_runs.elsewhere(old, ["alexnet"], {"alexnet"}) == [there]
+    assert default_runs.elsewhere(old, ["alexnet"], set()) == []
+
+
+def test_another_machines_runs_are_compared_with_the_tables_range():
+    """`--compare`: each experiment's seeds elsewhere are counted against the table's range
+    (ends included), a machine's second comparison replaces its first, and runs that do not
+    compare (the table's own machine, other seeds, another recipe) are refused."""
+    from tools import default_runs
+
+    def entry(top1, config="recipe"):
+        return {"config": config, "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
+                                            "best_top1_error": e} for s, e in enumerate(top1)]}
+
+    table = {"machine": "machine A, 2 cores, 2099-01-01",
+             "results": {"lenet": entry([0.04, 0.05, 1 / 30]), "resnet": entry([0.01, 0.02, 0.03])}}
+    there = {"machine": "machine B, 2 cores, 2099-01-02",
+             "results": {"lenet": entry([0.0333333333, 0.06, 0.045]), "resnet": entry([0.005, 0.02, 0.03])}}
+    data = default_runs.compare(table, there)
+    assert data["elsewhere"] == [there] and data["results"] == table["results"]
+    line = default_runs.render({**data, "results": {n: {**e, "config": {"model": n, "input": 32, "channels": 1,
+                                                                         "epochs": 1}}
+                                                    for n, e in data["results"].items()}}).splitlines()[-1]
+    assert line == ("The same seeds on machine B, 2 cores, 2099-01-02, top-1 error and mean time: "
+                    "`lenet` 4.6% [3.3%–6.0%] (2 of 3 seeds inside the range above), 2 min 0 s; "
+                    "`resnet` 1.8% [0.5%–3.0%] (2 of 3 seeds inside the range above), 2 min 0 s.")
+    again = {**there, "machine": "machine B, 2 cores, 2099-01-03"}
+    assert default_runs.compare(data, again)["elsewhere"] == [again]
+    older = {"machine": "machines like B, their CPU not recorded", "results": {"lenet": there["results"]["lenet"]}}
+    fuller = {**there, "machine": "machine B (its CPU), 2 cores, 2099-01-03"}  # repeats `older`: it replaces it
+    assert default_runs.compare({**table, "elsewhere": older}, fuller)["elsewhere"] == [fuller]
+    other = {"machine": "machine C, 2 cores, 2099-01-01", "results": {"lenet": entry([0.04, 0.05, 0.06])}}
+    assert default_runs.compare({**table, "elsewhere": [other]}, fuller)["elsewhere"] == [other, fuller]
+    for wrong, why in [({**there, "machine": "machine A, 2 cores, 2099-01-05"}, "the table's own machine"),
+                       ({**there, "results": {"lenet": entry([0.04, 0.05])}}, "not the table's seeds"),
+                       ({**there, "results": {"lenet": entry([0.04, 0.05, 0.03], "other")}}, "another recipe"),
+                       ({**there, "results": {"vgg": entry([0.04, 0.05, 0.03])}}, "which the table does not")]:
+        with pytest.raises(ValueError, match=why):
+            default_runs.compare(table, wrong)
 
 
 def test_default_runs_name_the_day_each_experiment_ran():

@@ -3,6 +3,7 @@
     python -m tools.default_runs                         # 5 seeds of each: docs/default_runs.json, README
     python -m tools.default_runs --experiments vgg,googlenet     # rerun some; the others are kept
     python -m tools.default_runs --experiments alexnet --seeds 2 --out /tmp/a.json   # some, elsewhere
+    python -m tools.default_runs --compare there.json    # add another machine's runs (--out) beside the table
 
 Runs `python -m experiments.<name> --config.seed=S` exactly as a user does (a fresh process,
 its own workdir under --runs), times it, and reads its result line and its metrics.jsonl:
@@ -11,7 +12,9 @@ at the default seeds replace their entries in docs/default_runs.json and keep th
 provided those were measured on the same machine and versions (else all must be rerun); a
 full rerun on another machine keeps the previous machine's results beside the table, as
 the same seeds elsewhere (an experiment rerun here keeps its results elsewhere if it repeats
-its own digit for digit: its code did not change).
+its own digit for digit: its code did not change). `--compare` adds the same seeds run on
+another machine (`--out` there) to that comparison, which says how many of each experiment's
+seeds land inside the table's range.
 Once every experiment is there, the table between the README's markers is rewritten from
 the JSON, with the machine and the jax/jaxlib versions it ran on. About 80 minutes on 2 CPU
 cores for all five at 5 seeds.
@@ -36,6 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("alexnet", "lenet", "resnet", "vgg", "googlenet")
 SEEDS = 5
 BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
+DEFAULT_OUT = ROOT / "docs" / "default_runs.json"
 
 
 def machine(dated: bool = True) -> str:
@@ -133,20 +137,42 @@ def render(data: dict) -> str:
             "worst end above its best evaluation |", "|---|---|---:|---:|---:|---:|"]
     for name, entry in data["results"].items():
         runs, d = entry["runs"], entry["config"]
-        minutes, seconds = divmod(round(statistics.mean(r["seconds"] for r in runs)), 60)
         drop = max(r["top1_error"] - r["best_top1_error"] for r in runs)
         rows.append(f"| `python -m experiments.{name}` | `{d['model']}`, {d['input']}×{d['input']}"
                     f"{' grey' if d['channels'] == 1 else ''}, {d['epochs']:g} | "
-                    f"{f'{minutes} min ' if minutes else ''}{seconds} s | {_spread([r['top1_error'] for r in runs])} | "
+                    f"{_minutes(statistics.mean(r['seconds'] for r in runs))} | "
+                    f"{_spread([r['top1_error'] for r in runs])} | "
                     f"{_spread([r['top5_error'] for r in runs])} | {drop * 100:.1f} points |")
     seeds = sorted({r["seed"] for e in data["results"].values() for r in e["runs"]})
     lines = [*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {_dated(data)}."]
-    other = data.get("elsewhere")
-    if other:
-        lines += ["", f"The same seeds on {other['machine']}, top-1 error: " + "; ".join(
-            f"`{name}` {_spread([r['top1_error'] for r in entry['runs']])}"
-            for name, entry in other["results"].items()) + "."]
+    for other in others(data):
+        lines += ["", f"The same seeds on {other['machine']}, top-1 error and mean time: " + "; ".join(_compared(data["results"], name, entry["runs"])
+                                                         for name, entry in other["results"].items()) + "."]
     return "\n".join(lines)
+
+
+def _compared(table: dict, name: str, runs: list[dict]) -> str:
+    """`name`'s runs on another machine: mean [range], mean time, and how many of its seeds lie
+    within the table's range for `name` (the README's claim: a run elsewhere lands in it)."""
+    errors = [r["top1_error"] for r in runs]
+    time = _minutes(statistics.mean(r["seconds"] for r in runs))
+    if name not in table:
+        return f"`{name}` {_spread(errors)}, {time}"
+    published = [r["top1_error"] for r in table[name]["runs"]]
+    low, high = round(min(published), 6), round(max(published), 6)  # errors are counts over 300 images
+    inside = sum(low <= round(e, 6) <= high for e in errors)
+    return f"`{name}` {_spread(errors)} ({inside} of {len(errors)} seeds inside the range above), {time}"
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{f'{minutes} min ' if minutes else ''}{seconds} s"
+
+
+def others(data: dict | None) -> list[dict]:
+    """The comparison's machines, each {'machine', 'results'} (older files held one, not a list)."""
+    other = (data or {}).get("elsewhere") or []
+    return [other] if isinstance(other, dict) else list(other)
 
 
 def _dated(data: dict) -> str:
@@ -160,26 +186,85 @@ def _dated(data: dict) -> str:
     return f"{described}, on " + " and ".join(f"{day} ({', '.join(names)})" for day, names in sorted(days.items()))
 
 
-def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset()) -> dict | None:
+def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset()) -> list[dict]:
     """The comparison kept beside a new table: a full rerun on another machine turns the
-    previous results into it; otherwise the one recorded before stays, less the experiments
+    previous results into it; otherwise the machines recorded before stay, less the experiments
     rerun with other results (on the same machine and versions a run repeats digit for digit,
     so other results mean its code changed, and its results elsewhere no longer compare)."""
     if not old:
-        return None
+        return []
     if set(rerun) == set(EXPERIMENTS) and not _measured_here(old):
-        return {"machine": old["machine"], "results": old["results"]}
-    before = old.get("elsewhere") or {}
-    kept = {n: r for n, r in before.get("results", {}).items() if n not in rerun or n in repeated}
-    return {**before, "results": kept} if kept else None
+        return [{"machine": old["machine"], "results": old["results"]}]
+    kept = [{**o, "results": {n: r for n, r in o["results"].items() if n not in rerun or n in repeated}}
+            for o in others(old)]
+    return [o for o in kept if o["results"]]
+
+
+def compare(data: dict, there: dict) -> dict:
+    """`data` with `there` (a results file written by `--out` on another machine, at the table's
+    seeds and recipes) in its comparison, replacing that machine's earlier entry and any entry
+    whose results `there` repeats digit for digit. ValueError names what does not compare."""
+    name_of = lambda d: d["machine"].rsplit(", ", 1)[0]  # noqa: E731 - the machine without its day
+    if name_of(there) == name_of(data):
+        raise ValueError(f"it was measured on the table's own machine and versions ({name_of(data)})")
+    for name, entry in there["results"].items():
+        mine = data["results"].get(name)
+        if mine is None:
+            raise ValueError(f"it holds '{name}', which the table does not")
+        if sorted(r["seed"] for r in entry["runs"]) != sorted(r["seed"] for r in mine["runs"]):
+            raise ValueError(f"its '{name}' runs are not the table's seeds: rerun there with the default --seeds")
+        if entry["config"] != mine["config"]:
+            raise ValueError(f"its '{name}' trained another recipe ({entry['config']}) than the table's "
+                             f"({mine['config']}): rerun both with today's code")
+    kept = [o for o in others(data) if name_of(o) != name_of(there) and not _within(o, there)]
+    return {**data, "elsewhere": [*kept, {"machine": there["machine"], "results": there["results"]}]}
+
+
+def _within(older: dict, newer: dict) -> bool:
+    """Whether each of `older`'s experiments is in `newer` with the same results digit for
+    digit: the same kind of machine, now with a fuller record, so `older` adds nothing."""
+    return all(n in newer["results"] and _same(e["runs"], newer["results"][n]["runs"])
+               for n, e in older["results"].items())
+
+
+def _same(runs: list[dict], others: list[dict]) -> bool:
+    result = lambda r: (r["seed"], r["top1_error"], r["top5_error"], r["best_top1_error"])  # noqa: E731
+    return sorted(map(result, runs)) == sorted(map(result, others))
 
 
 def repeats(old: dict | None, name: str, runs: list[dict]) -> bool:
     """Whether `runs` give `old`'s results for `name` digit for digit, on this machine and these versions."""
     if not old or not _measured_here(old) or name not in old.get("results", {}):
         return False
-    result = lambda r: (r["seed"], r["top1_error"], r["top5_error"], r["best_top1_error"])  # noqa: E731
-    return sorted(map(result, old["results"][name]["runs"])) == sorted(map(result, runs))
+    return _same(old["results"][name]["runs"], runs)
+
+
+def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pathlib.Path) -> int:
+    """`--compare`: `there`'s runs into `out`'s comparison, and the README's table rewritten."""
+    data, other = _read(out), _read(there)
+    if data is None or other is None:
+        parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
+    try:
+        data = compare(data, other)
+    except ValueError as err:
+        parser.error(f"{there} does not compare with {out}: {err}")
+    except (KeyError, TypeError) as err:  # a file edited by hand, or written by something else
+        parser.error(f"{there} or {out} is not a default runs file (no {err}): write it with python -m tools.default_runs")
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {out}")
+    if out.resolve() == DEFAULT_OUT.resolve():
+        write_readme(data)
+    else:
+        print(render(data))
+    return 0
+
+
+def write_readme(data: dict) -> None:
+    from experiments.reproductions import rewrite
+
+    (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
+    print("wrote the table to README.md")
+    print(render(data))
 
 
 def main(argv=None) -> int:
@@ -187,14 +272,18 @@ def main(argv=None) -> int:
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated names")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 of each")
     parser.add_argument("--runs", type=pathlib.Path, default=ROOT / "runs" / "default_runs", help="the workdirs")
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "default_runs.json")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    parser.add_argument("--compare", type=pathlib.Path, metavar="FILE",
+                        help="run nothing: add FILE (--out of the same seeds on another machine) beside the table")
     args = parser.parse_args(argv)
+    if args.compare:
+        return add_comparison(parser, args.compare, args.out)
     names = [n for n in args.experiments.split(",") if n]
     unknown = sorted(set(names) - set(EXPERIMENTS))
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
-    default_out = args.out.resolve() == (ROOT / "docs" / "default_runs.json").resolve()
+    default_out = args.out.resolve() == DEFAULT_OUT.resolve()
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
@@ -232,11 +321,9 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
     if default_out and set(data["results"]) == set(EXPERIMENTS):
-        from experiments.reproductions import rewrite
-
-        (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
-        print("wrote the table to README.md")
-    print(render(data))
+        write_readme(data)
+    else:
+        print(render(data))
     return 0
 
 
