@@ -1,5 +1,6 @@
 """The README opens with the two commands, and CI runs the second one verbatim."""
 
+import json
 import pathlib
 import re
 
@@ -24,8 +25,6 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_gradient_table_is_rendered_from_its_json():
-    import json
-
     from experiments.reproductions import rewrite
     from tools import gradient_report
 
@@ -40,8 +39,6 @@ def test_gradient_table_is_rendered_from_its_json():
 
 def test_default_runs_table_is_rendered_from_its_json():
     """The default runs' numbers come from `python -m tools.default_runs`, never typed."""
-    import json
-
     from experiments.reproductions import rewrite
     from tools import default_runs
 
@@ -142,3 +139,23 @@ def test_default_runs_name_the_day_each_experiment_ran():
     assert default_runs._dated(data) == ("a machine, 2 cores, on 2099-01-01 (`alexnet`, `lenet`, `googlenet`) "
                                          "and 2099-01-02 (`resnet`, `vgg`)")
     assert default_runs._dated({**data, "results": kept}) == "a machine, 2 cores, 2099-01-01"
+
+
+def test_default_runs_go_through_several_experiments_and_write_each(tmp_path, monkeypatch, capsys):
+    """The runner's loop over experiments and seeds (each run stood in for by a record, which
+    `run_one` reads from a real run): every experiment's seeds land in the file, in order."""
+    from tools import default_runs
+
+    def run_one(name, seed, workdir):
+        error = 0.01 * (seed + 1)
+        return {"seed": seed, "seconds": 1.0, "top1_error": error, "top5_error": 0.0, "best_top1_error": error,
+                "evaluations": [error]}
+
+    monkeypatch.setattr(default_runs, "run_one", run_one)
+    out = tmp_path / "runs.json"
+    assert default_runs.main(["--experiments", "lenet,resnet", "--seeds", "2", "--out", str(out),
+                              "--runs", str(tmp_path)]) == 0
+    data = json.loads(out.read_text())
+    assert list(data["results"]) == ["lenet", "resnet"] and "elsewhere" not in data
+    assert [[r["seed"] for r in e["runs"]] for e in data["results"].values()] == [[0, 1], [0, 1]]
+    assert "[4/4] experiments.resnet --config.seed=1 ... top-1 2.0% (best 2.0%)" in capsys.readouterr().out

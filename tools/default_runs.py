@@ -311,10 +311,10 @@ def main(argv=None) -> int:
             runs.append(run)
         data["results"][name] = {"config": describe(name), "date": time.strftime("%Y-%m-%d"), "runs": runs}
         data["results"] = {n: data["results"][n] for n in EXPERIMENTS if n in data["results"]}
-        done = [n for n in names if n in data["results"]]  # a stopped run keeps the others' comparison
-        same = {n for n in done if repeats(old, n, data["results"][n]["runs"])}
+        finished = [n for n in names if n in data["results"]]  # a stopped run keeps the others' comparison
+        same = {n for n in finished if repeats(old, n, data["results"][n]["runs"])}
         data.pop("elsewhere", None)
-        data.update({"elsewhere": other} if (other := elsewhere(old, done, same)) else {})
+        data.update({"elsewhere": other} if (other := elsewhere(old, finished, same)) else {})
         if same:
             print(f"    {', '.join(sorted(same))}: the same results as before, digit for digit", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
