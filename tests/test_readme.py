@@ -95,14 +95,15 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
     compare (the table's own machine, other seeds, another recipe) are refused."""
     from tools import default_runs
 
-    def entry(top1, config="recipe"):
-        return {"config": config, "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
+    def entry(top1, batch=32, **recorded):  # `recorded`: a key recorded later (older entries lack it)
+        return {"config": {"batch": batch, **recorded}, "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
                                             "best_top1_error": e} for s, e in enumerate(top1)]}
 
     table = {"machine": "machine A, 2 cores, 2099-01-01",
              "results": {"lenet": entry([0.04, 0.05, 1 / 30]), "resnet": entry([0.01, 0.02, 0.03])}}
     there = {"machine": "machine B, 2 cores, 2099-01-02",
-             "results": {"lenet": entry([0.0333333333, 0.06, 0.045]), "resnet": entry([0.005, 0.02, 0.03])}}
+             "results": {"lenet": entry([0.0333333333, 0.06, 0.045], schedule="step"),
+                         "resnet": entry([0.005, 0.02, 0.03])}}
     data = default_runs.compare(table, there)
     assert data["elsewhere"] == [there] and data["results"] == table["results"]
     line = default_runs.render({**data, "results": {n: {**e, "config": {"model": n, "input": 32, "channels": 1,
@@ -120,7 +121,7 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
     assert default_runs.compare({**table, "elsewhere": [other]}, fuller)["elsewhere"] == [other, fuller]
     for wrong, why in [({**there, "machine": "machine A, 2 cores, 2099-01-05"}, "the table's own machine"),
                        ({**there, "results": {"lenet": entry([0.04, 0.05])}}, "not the table's seeds"),
-                       ({**there, "results": {"lenet": entry([0.04, 0.05, 0.03], "other")}}, "another recipe"),
+                       ({**there, "results": {"lenet": entry([0.04, 0.05, 0.03], batch=16)}}, "another recipe"),
                        ({**there, "results": {"vgg": entry([0.04, 0.05, 0.03])}}, "which the table does not")]:
         with pytest.raises(ValueError, match=why):
             default_runs.compare(table, wrong)

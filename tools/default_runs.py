@@ -213,7 +213,8 @@ def compare(data: dict, there: dict) -> dict:
             raise ValueError(f"it holds '{name}', which the table does not")
         if sorted(r["seed"] for r in entry["runs"]) != sorted(r["seed"] for r in mine["runs"]):
             raise ValueError(f"its '{name}' runs are not the table's seeds: rerun there with the default --seeds")
-        if entry["config"] != mine["config"]:
+        shared = entry["config"].keys() & mine["config"].keys()  # an older entry may lack a later-recorded key
+        if any(entry["config"][k] != mine["config"][k] for k in shared):
             raise ValueError(f"its '{name}' trained another recipe ({entry['config']}) than the table's "
                              f"({mine['config']}): rerun both with today's code")
     kept = [o for o in others(data) if name_of(o) != name_of(there) and not _within(o, there)]
