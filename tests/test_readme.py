@@ -53,20 +53,22 @@ def test_default_runs_table_is_rendered_from_its_json():
 
 
 def test_default_runs_keep_only_comparable_results_elsewhere():
-    """A full rerun on another machine turns the old table into the comparison; rerunning some
-    experiments here with other results (their code changed: here a run repeats digit for
-    digit) drops theirs."""
+    """A rerun on another machine adds the old table to the comparison (and keeps the machines
+    it held, but this one), even when stopped early; rerunning some experiments here with
+    other results (their code changed: here a run repeats digit for digit) drops theirs."""
     from tools import default_runs
 
     here, there = default_runs.machine(), "another machine, 2099-01-01"
     results = {n: {"runs": [n]} for n in default_runs.EXPERIMENTS}
     old_there = {"machine": there, "results": results}
     assert default_runs.elsewhere(old_there, list(default_runs.EXPERIMENTS)) == [old_there]
+    assert default_runs.elsewhere(old_there, ["alexnet"]) == [old_there]  # a rerun stopped after its first
+    third, this_one = ({"machine": m, "results": {"vgg": {"runs": ["vgg"]}}} for m in ("a third machine, 2099-01-02", here))
+    assert default_runs.elsewhere({**old_there, "elsewhere": [third, this_one]}, ["alexnet"]) == [old_there, third]
     old_here = {"machine": here, "results": results, "elsewhere": old_there}  # an older file's one machine
     [kept] = default_runs.elsewhere(old_here, ["resnet", "vgg"])
     assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
     assert default_runs.elsewhere(old_here, list(default_runs.EXPERIMENTS)) == []
-    third = {"machine": "a third machine, 2099-01-02", "results": {"vgg": {"runs": ["vgg"]}}}
     assert default_runs.elsewhere({**old_here, "elsewhere": [old_there, third]}, ["vgg"]) == [
         {"machine": there, "results": {n: r for n, r in results.items() if n != "vgg"}}]
 
@@ -91,13 +93,15 @@ def test_a_rerun_that_repeats_its_results_keeps_them_elsewhere():
 
 def test_another_machines_runs_are_compared_with_the_tables_range():
     """`--compare`: each experiment's seeds elsewhere are counted against the table's range
-    (ends included), a machine's second comparison replaces its first, and runs that do not
-    compare (the table's own machine, other seeds, another recipe) are refused."""
+    (ends included), a machine's second comparison replaces its first (others stay), and runs
+    that do not compare (the table's own machine, other seeds, another recipe) or are not
+    runs records are refused."""
     from tools import default_runs
 
     def entry(top1, batch=32, **recorded):  # `recorded`: a key recorded later (older entries lack it)
-        return {"config": {"batch": batch, **recorded}, "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
-                                            "best_top1_error": e} for s, e in enumerate(top1)]}
+        return {"config": {"batch": batch, **recorded},
+                "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
+                          "best_top1_error": e} for s, e in enumerate(top1)]}
 
     table = {"machine": "machine A, 2 cores, 2099-01-01",
              "results": {"lenet": entry([0.04, 0.05, 1 / 30]), "resnet": entry([0.01, 0.02, 0.03])}}
@@ -105,7 +109,7 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
              "results": {"lenet": entry([0.0333333333, 0.06, 0.045], schedule="step"),
                          "resnet": entry([0.005, 0.02, 0.03])}}
     data = default_runs.compare(table, there)
-    assert data["elsewhere"] == [there] and data["results"] == table["results"]
+    assert data == {**table, "elsewhere": [there]}
     line = default_runs.render({**data, "results": {n: {**e, "config": {"model": n, "input": 32, "channels": 1,
                                                                          "epochs": 1}}
                                                     for n, e in data["results"].items()}}).splitlines()[-1]
@@ -114,15 +118,15 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
                     "`resnet` 1.8% [0.5%–3.0%] (2 of 3 seeds inside the range above), 2 min 0 s.")
     again = {**there, "machine": "machine B, 2 cores, 2099-01-03"}
     assert default_runs.compare(data, again)["elsewhere"] == [again]
-    older = {"machine": "machines like B, their CPU not recorded", "results": {"lenet": there["results"]["lenet"]}}
-    fuller = {**there, "machine": "machine B (its CPU), 2 cores, 2099-01-03"}  # repeats `older`: it replaces it
-    assert default_runs.compare({**table, "elsewhere": older}, fuller)["elsewhere"] == [fuller]
-    other = {"machine": "machine C, 2 cores, 2099-01-01", "results": {"lenet": entry([0.04, 0.05, 0.06])}}
-    assert default_runs.compare({**table, "elsewhere": [other]}, fuller)["elsewhere"] == [other, fuller]
+    same_digits = {**there, "machine": "machine C, 2 cores, 2099-01-01"}  # another CPU may repeat B's digits
+    assert default_runs.compare({**table, "elsewhere": same_digits}, again)["elsewhere"] == [same_digits, again]
     for wrong, why in [({**there, "machine": "machine A, 2 cores, 2099-01-05"}, "the table's own machine"),
                        ({**there, "results": {"lenet": entry([0.04, 0.05])}}, "not the table's seeds"),
                        ({**there, "results": {"lenet": entry([0.04, 0.05, 0.03], batch=16)}}, "another recipe"),
-                       ({**there, "results": {"vgg": entry([0.04, 0.05, 0.03])}}, "which the table does not")]:
+                       ({**there, "results": {"vgg": entry([0.04, 0.05, 0.03])}}, "which the table does not"),
+                       ({**there, "results": {}}, "holds no experiments"), ({**there, "machine": 5}, "names no machine"),
+                       ({**there, "results": {"lenet": {"runs": []}}}, "no config"),
+                       ({**there, "results": {"lenet": {**entry([0.04]), "runs": [{"seed": 0}]}}}, "a run without")]:
         with pytest.raises(ValueError, match=why):
             default_runs.compare(table, wrong)
 
@@ -160,3 +164,32 @@ def test_default_runs_go_through_several_experiments_and_write_each(tmp_path, mo
     assert list(data["results"]) == ["lenet", "resnet"] and "elsewhere" not in data
     assert [[r["seed"] for r in e["runs"]] for e in data["results"].values()] == [[0, 1], [0, 1]]
     assert "[4/4] experiments.resnet --config.seed=1 ... top-1 2.0% (best 2.0%)" in capsys.readouterr().out
+
+
+def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, capsys):
+    """`python -m tools.default_runs --compare FILE --out TABLE`: TABLE gains FILE's machine;
+    a FILE that does not compare, or a flag it has no use for, is a one-line error (exit 2)
+    that leaves TABLE as it was."""
+    from tools import default_runs
+
+    def runs(top1):
+        return [{"seed": s, "seconds": 9.0, "top1_error": e, "top5_error": 0.0, "best_top1_error": e}
+                for s, e in enumerate(top1)]
+
+    CONFIG = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}  # noqa: N806
+    table, there = tmp_path / "table.json", tmp_path / "there.json"
+    text = json.dumps({"machine": "machine A, 2 cores, 2099-01-01",
+                       "results": {"lenet": {"config": CONFIG, "runs": runs([0.04, 0.05])}}})
+    table.write_text(text)
+    for argv, why in [([], "holds no default runs"), (["--seeds", "2"], "--seeds has no use")]:
+        there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02",
+                                     "results": {"lenet": {"config": CONFIG, "runs": runs([0.06])}}})
+                         if argv else "{}")
+        with pytest.raises(SystemExit) as exit_:
+            default_runs.main(["--compare", str(there), "--out", str(table), *argv])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err and table.read_text() == text
+    there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02",
+                                 "results": {"lenet": {"config": CONFIG, "runs": runs([0.045, 0.06])}}}))
+    assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0
+    assert [o["machine"] for o in json.loads(table.read_text())["elsewhere"]] == ["machine B, 2 cores, 2099-01-02"]
+    assert "`lenet` 5.2% [4.5%–6.0%] (1 of 2 seeds inside the range above), 9 s." in capsys.readouterr().out

@@ -16,8 +16,8 @@ its own digit for digit: its code did not change). `--compare` adds the same see
 another machine (`--out` there) to that comparison, which says how many of each experiment's
 seeds land inside the table's range.
 Once every experiment is there, the table between the README's markers is rewritten from
-the JSON, with the machine and the jax/jaxlib versions it ran on. About 80 minutes on 2 CPU
-cores for all five at 5 seeds.
+the JSON, with the machine and the jax/jaxlib versions it ran on. About 90 minutes on 2 CPU
+cores for all five at 5 seeds (40 on a faster CPU of the same name).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("alexnet", "lenet", "resnet", "vgg", "googlenet")
 SEEDS = 5
 BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
-DEFAULT_OUT = ROOT / "docs" / "default_runs.json"
+DEFAULT_OUT, RUNS = ROOT / "docs" / "default_runs.json", ROOT / "runs" / "default_runs"
 
 
 def machine(dated: bool = True) -> str:
@@ -116,7 +116,12 @@ def _read(path: pathlib.Path) -> dict | None:
 
 def _measured_here(old: dict) -> bool:
     """Whether `old` was measured on this machine and these versions (its date aside)."""
-    return old.get("machine", "").startswith(machine(dated=False) + ",")
+    return _undated(old.get("machine", "")) == machine(dated=False)
+
+
+def _undated(described: str) -> str:
+    """A results file's machine without the day it ends with."""
+    return described.rsplit(", ", 1)[0]
 
 
 def _kept(old: dict | None, rerun: list[str]) -> dict | None:
@@ -153,15 +158,15 @@ def render(data: dict) -> str:
 
 def _compared(table: dict, name: str, runs: list[dict]) -> str:
     """`name`'s runs on another machine: mean [range], mean time, and how many of its seeds lie
-    within the table's range for `name` (the README's claim: a run elsewhere lands in it)."""
+    within the table's range for `name` (ends included)."""
     errors = [r["top1_error"] for r in runs]
-    time = _minutes(statistics.mean(r["seconds"] for r in runs))
+    took = _minutes(statistics.mean(r["seconds"] for r in runs))
     if name not in table:
-        return f"`{name}` {_spread(errors)}, {time}"
+        return f"`{name}` {_spread(errors)}, {took}"
     published = [r["top1_error"] for r in table[name]["runs"]]
     low, high = round(min(published), 6), round(max(published), 6)  # errors are counts over 300 images
     inside = sum(low <= round(e, 6) <= high for e in errors)
-    return f"`{name}` {_spread(errors)} ({inside} of {len(errors)} seeds inside the range above), {time}"
+    return f"`{name}` {_spread(errors)} ({inside} of {len(errors)} seeds inside the range above), {took}"
 
 
 def _minutes(seconds: float) -> str:
@@ -187,26 +192,28 @@ def _dated(data: dict) -> str:
 
 
 def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset()) -> list[dict]:
-    """The comparison kept beside a new table: a full rerun on another machine turns the
-    previous results into it; otherwise the machines recorded before stay, less the experiments
-    rerun with other results (on the same machine and versions a run repeats digit for digit,
-    so other results mean its code changed, and its results elsewhere no longer compare)."""
+    """The comparison kept beside a new table: a rerun on another machine (all experiments,
+    or those finished so far) adds the previous table to it; otherwise the machines recorded
+    before stay, less the experiments rerun with other results (on the same machine and
+    versions a run repeats digit for digit, so other results mean its code changed, and its
+    results elsewhere no longer compare)."""
     if not old:
         return []
-    if set(rerun) == set(EXPERIMENTS) and not _measured_here(old):
-        return [{"machine": old["machine"], "results": old["results"]}]
-    kept = [{**o, "results": {n: r for n, r in o["results"].items() if n not in rerun or n in repeated}}
+    if not _measured_here(old):
+        return [{"machine": old["machine"], "results": old["results"]},
+                *(o for o in others(old) if _undated(o["machine"]) != machine(dated=False))]
+    kept = [{**o, "results": {n: r for n, r in o.get("results", {}).items() if n not in rerun or n in repeated}}
             for o in others(old)]
     return [o for o in kept if o["results"]]
 
 
 def compare(data: dict, there: dict) -> dict:
     """`data` with `there` (a results file written by `--out` on another machine, at the table's
-    seeds and recipes) in its comparison, replacing that machine's earlier entry and any entry
-    whose results `there` repeats digit for digit. ValueError names what does not compare."""
-    name_of = lambda d: d["machine"].rsplit(", ", 1)[0]  # noqa: E731 - the machine without its day
-    if name_of(there) == name_of(data):
-        raise ValueError(f"it was measured on the table's own machine and versions ({name_of(data)})")
+    seeds and recipes) in its comparison, replacing that machine's earlier entry. ValueError
+    names what does not compare."""
+    _check_runs(there)
+    if _undated(there["machine"]) == _undated(data["machine"]):
+        raise ValueError(f"it was measured on the table's own machine and versions ({_undated(data['machine'])})")
     for name, entry in there["results"].items():
         mine = data["results"].get(name)
         if mine is None:
@@ -217,20 +224,28 @@ def compare(data: dict, there: dict) -> dict:
         if any(entry["config"][k] != mine["config"][k] for k in shared):
             raise ValueError(f"its '{name}' trained another recipe ({entry['config']}) than the table's "
                              f"({mine['config']}): rerun both with today's code")
-    kept = [o for o in others(data) if name_of(o) != name_of(there) and not _within(o, there)]
+    kept = [o for o in others(data) if _undated(o["machine"]) != _undated(there["machine"])]
     return {**data, "elsewhere": [*kept, {"machine": there["machine"], "results": there["results"]}]}
 
 
-def _within(older: dict, newer: dict) -> bool:
-    """Whether each of `older`'s experiments is in `newer` with the same results digit for
-    digit: the same kind of machine, now with a fuller record, so `older` adds nothing."""
-    return all(n in newer["results"] and _same(e["runs"], newer["results"][n]["runs"])
-               for n, e in older["results"].items())
+RUN_KEYS = ("seed", "seconds", "top1_error", "top5_error", "best_top1_error")
 
 
-def _same(runs: list[dict], others: list[dict]) -> bool:
+def _check_runs(there: dict) -> None:
+    """ValueError naming the first thing in `there` that `run_one`'s records would have."""
+    if not isinstance(there.get("machine"), str) or not there["results"]:
+        raise ValueError("it names no machine or holds no experiments")
+    for name, entry in there["results"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("config"), dict) and isinstance(entry.get("runs"), list)):
+            raise ValueError(f"its '{name}' has no config and list of runs")
+        if not entry["runs"] or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in RUN_KEYS)
+                                        for r in entry["runs"]):
+            raise ValueError(f"its '{name}' has no runs, or a run without numbers for {', '.join(RUN_KEYS)}")
+
+
+def _same(runs: list[dict], again: list[dict]) -> bool:
     result = lambda r: (r["seed"], r["top1_error"], r["top5_error"], r["best_top1_error"])  # noqa: E731
-    return sorted(map(result, runs)) == sorted(map(result, others))
+    return sorted(map(result, runs)) == sorted(map(result, again))
 
 
 def repeats(old: dict | None, name: str, runs: list[dict]) -> bool:
@@ -241,19 +256,22 @@ def repeats(old: dict | None, name: str, runs: list[dict]) -> bool:
 
 
 def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pathlib.Path) -> int:
-    """`--compare`: `there`'s runs into `out`'s comparison, and the README's table rewritten."""
+    """`--compare`: `there`'s runs into `out`'s comparison; with the default `out` and every
+    experiment in its table, the README's table rewritten too."""
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     try:
         data = compare(data, other)
+        render(data)  # before anything is written
     except ValueError as err:
         parser.error(f"{there} does not compare with {out}: {err}")
-    except (KeyError, TypeError) as err:  # a file edited by hand, or written by something else
-        parser.error(f"{there} or {out} is not a default runs file (no {err}): write it with python -m tools.default_runs")
+    except (KeyError, TypeError, AttributeError) as err:  # `there` is checked: `out` was edited by hand
+        parser.error(f"{out} is not a default runs file ({type(err).__name__} {err}): rewrite it with "
+                     "python -m tools.default_runs")
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
-    if out.resolve() == DEFAULT_OUT.resolve():
+    if out.resolve() == DEFAULT_OUT.resolve() and set(data["results"]) == set(EXPERIMENTS):
         write_readme(data)
     else:
         print(render(data))
@@ -272,12 +290,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.default_runs", description=__doc__.split("\n")[0])
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated names")
     parser.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 of each")
-    parser.add_argument("--runs", type=pathlib.Path, default=ROOT / "runs" / "default_runs", help="the workdirs")
+    parser.add_argument("--runs", type=pathlib.Path, default=RUNS, help="the workdirs")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     parser.add_argument("--compare", type=pathlib.Path, metavar="FILE",
                         help="run nothing: add FILE (--out of the same seeds on another machine) beside the table")
     args = parser.parse_args(argv)
     if args.compare:
+        if argv_given := [f for f, v, d in (("--experiments", args.experiments, ",".join(EXPERIMENTS)),
+                                             ("--seeds", args.seeds, SEEDS), ("--runs", args.runs, RUNS))
+                          if v != d]:
+            parser.error(f"--compare runs nothing, so {', '.join(argv_given)} has no use: leave it out")
         return add_comparison(parser, args.compare, args.out)
     names = [n for n in args.experiments.split(",") if n]
     unknown = sorted(set(names) - set(EXPERIMENTS))
