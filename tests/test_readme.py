@@ -65,6 +65,8 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
     assert default_runs.elsewhere(old_there, ["alexnet"]) == [old_there]  # a rerun stopped after its first
     third, this_one = ({"machine": m, "results": {"vgg": {"runs": ["vgg"]}}} for m in ("a third machine, 2099-01-02", here))
     assert default_runs.elsewhere({**old_there, "elsewhere": [third, this_one]}, ["alexnet"]) == [old_there, third]
+    stopped = {"machine": here, "results": {"alexnet": {"runs": ["alexnet here"]}}, "elsewhere": [old_there]}
+    assert default_runs.elsewhere(stopped, list(default_runs.EXPERIMENTS), {"alexnet"}) == [old_there]  # resumed
     old_here = {"machine": here, "results": results, "elsewhere": old_there}  # an older file's one machine
     [kept] = default_runs.elsewhere(old_here, ["resnet", "vgg"])
     assert kept["machine"] == there and set(kept["results"]) == {"alexnet", "lenet", "googlenet"}
@@ -126,7 +128,10 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
                        ({**there, "results": {"vgg": entry([0.04, 0.05, 0.03])}}, "which the table does not"),
                        ({**there, "results": {}}, "holds no experiments"), ({**there, "machine": 5}, "names no machine"),
                        ({**there, "results": {"lenet": {"runs": []}}}, "no config"),
-                       ({**there, "results": {"lenet": {**entry([0.04]), "runs": [{"seed": 0}]}}}, "a run without")]:
+                       ({**there, "results": {"lenet": {**entry([0.04]), "runs": [{"seed": 0}]}}}, "a run without"),
+                       ({**there, "results": {"lenet": entry([0.04, float("nan"), 0.03])}}, "a run without"),
+                       ({**there, "results": {"lenet": {**entry([0.04]), "runs": [{**entry([0.04])["runs"][0],
+                                                                                   "seed": True}]}}}, "a run without")]:
         with pytest.raises(ValueError, match=why):
             default_runs.compare(table, wrong)
 
@@ -166,30 +171,40 @@ def test_default_runs_go_through_several_experiments_and_write_each(tmp_path, mo
     assert "[4/4] experiments.resnet --config.seed=1 ... top-1 2.0% (best 2.0%)" in capsys.readouterr().out
 
 
-def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, capsys):
-    """`python -m tools.default_runs --compare FILE --out TABLE`: TABLE gains FILE's machine;
-    a FILE that does not compare, or a flag it has no use for, is a one-line error (exit 2)
+def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m tools.default_runs --compare FILE --out TABLE`: TABLE gains FILE's machine
+    (the README is rewritten only for the default TABLE with every experiment); a FILE that
+    does not compare, a TABLE edited by hand, or a flag with no use is a one-line error (exit 2)
     that leaves TABLE as it was."""
     from tools import default_runs
 
-    def runs(top1):
-        return [{"seed": s, "seconds": 9.0, "top1_error": e, "top5_error": 0.0, "best_top1_error": e}
-                for s, e in enumerate(top1)]
+    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
 
-    CONFIG = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}  # noqa: N806
+    def record(machine, top1, **fields):
+        runs = [{"seed": s, "seconds": 9.0, "top1_error": e, "top5_error": 0.0, "best_top1_error": e}
+                for s, e in enumerate(top1)]
+        return json.dumps({"machine": machine, "results": {"lenet": {"config": config, "runs": runs, **fields}}})
+
     table, there = tmp_path / "table.json", tmp_path / "there.json"
-    text = json.dumps({"machine": "machine A, 2 cores, 2099-01-01",
-                       "results": {"lenet": {"config": CONFIG, "runs": runs([0.04, 0.05])}}})
-    table.write_text(text)
-    for argv, why in [([], "holds no default runs"), (["--seeds", "2"], "--seeds has no use")]:
-        there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02",
-                                     "results": {"lenet": {"config": CONFIG, "runs": runs([0.06])}}})
-                         if argv else "{}")
+    good_table = record("machine A, 2 cores, 2099-01-01", [0.04, 0.05])
+    good_there = record("machine B, 2 cores, 2099-01-02", [0.045, 0.06])
+    for table_text, there_text, argv, why in [
+            (good_table, "{}", [], "holds no default runs"),
+            (good_table, record("machine B, 2 cores, 2099-01-02", [0.06]), [], "not the table's seeds"),
+            (good_table, good_there, ["--seeds", "2"], "--seeds has no use"),
+            (good_table, good_there, ["--runs", str(tmp_path)], "--runs has no use"),
+            (record("machine A, 2 cores, 2099-01-01", [0.04, 0.05], config={"batch": 32}), good_there, [],
+             "is not a default runs file (KeyError 'model')")]:
+        table.write_text(table_text)
+        there.write_text(there_text)
         with pytest.raises(SystemExit) as exit_:
             default_runs.main(["--compare", str(there), "--out", str(table), *argv])
-        assert exit_.value.code == 2 and why in capsys.readouterr().err and table.read_text() == text
-    there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02",
-                                 "results": {"lenet": {"config": CONFIG, "runs": runs([0.045, 0.06])}}}))
+        assert exit_.value.code == 2 and why in capsys.readouterr().err and table.read_text() == table_text
+    table.write_text(good_table)
     assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0
     assert [o["machine"] for o in json.loads(table.read_text())["elsewhere"]] == ["machine B, 2 cores, 2099-01-02"]
     assert "`lenet` 5.2% [4.5%–6.0%] (1 of 2 seeds inside the range above), 9 s." in capsys.readouterr().out
+    rewritten = []
+    monkeypatch.setattr(default_runs, "DEFAULT_OUT", table)  # the default TABLE, but with one experiment
+    monkeypatch.setattr(default_runs, "write_readme", rewritten.append)
+    assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0 and rewritten == []

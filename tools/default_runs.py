@@ -26,9 +26,11 @@ import argparse
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -120,8 +122,9 @@ def _measured_here(old: dict) -> bool:
 
 
 def _undated(described: str) -> str:
-    """A results file's machine without the day it ends with."""
-    return described.rsplit(", ", 1)[0]
+    """A results file's machine without the day it ends with (if it ends with one)."""
+    head, _, last = described.rpartition(", ")
+    return head if re.fullmatch(r"\d{4}-\d{2}-\d{2}", last) else described
 
 
 def _kept(old: dict | None, rerun: list[str]) -> dict | None:
@@ -202,7 +205,8 @@ def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset
     if not _measured_here(old):
         return [{"machine": old["machine"], "results": old["results"]},
                 *(o for o in others(old) if _undated(o["machine"]) != machine(dated=False))]
-    kept = [{**o, "results": {n: r for n, r in o.get("results", {}).items() if n not in rerun or n in repeated}}
+    changed = {n for n in rerun if n in old["results"] and n not in repeated}  # not those new to `old`
+    kept = [{**o, "results": {n: r for n, r in o.get("results", {}).items() if n not in changed}}
             for o in others(old)]
     return [o for o in kept if o["results"]]
 
@@ -232,15 +236,21 @@ RUN_KEYS = ("seed", "seconds", "top1_error", "top5_error", "best_top1_error")
 
 
 def _check_runs(there: dict) -> None:
-    """ValueError naming the first thing in `there` that `run_one`'s records would have."""
-    if not isinstance(there.get("machine"), str) or not there["results"]:
-        raise ValueError("it names no machine or holds no experiments")
+    """ValueError naming the first thing in `there` that is not as `main` writes it."""
+    if not isinstance(there.get("machine"), str):
+        raise ValueError("it names no machine")
+    if not there["results"]:
+        raise ValueError("it holds no experiments")
     for name, entry in there["results"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("config"), dict) and isinstance(entry.get("runs"), list)):
             raise ValueError(f"its '{name}' has no config and list of runs")
-        if not entry["runs"] or not all(isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) for k in RUN_KEYS)
+        if not entry["runs"] or not all(isinstance(r, dict) and all(_number(r.get(k)) for k in RUN_KEYS)
                                         for r in entry["runs"]):
             raise ValueError(f"its '{name}' has no runs, or a run without numbers for {', '.join(RUN_KEYS)}")
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # not a bool, NaN or infinity
 
 
 def _same(runs: list[dict], again: list[dict]) -> bool:
@@ -261,14 +271,20 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
-    try:
-        data = compare(data, other)
-        render(data)  # before anything is written
-    except ValueError as err:
-        parser.error(f"{there} does not compare with {out}: {err}")
-    except (KeyError, TypeError, AttributeError) as err:  # `there` is checked: `out` was edited by hand
+    def broken(err):  # `there` is checked: `out` was edited by hand
         parser.error(f"{out} is not a default runs file ({type(err).__name__} {err}): rewrite it with "
                      "python -m tools.default_runs")
+
+    try:
+        data = compare(data, other)
+    except ValueError as err:
+        parser.error(f"{there} does not compare with {out}: {err}")
+    except (KeyError, TypeError, AttributeError) as err:
+        broken(err)
+    try:
+        render(data)  # before anything is written
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: an empty list of runs
+        broken(err)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
     if out.resolve() == DEFAULT_OUT.resolve() and set(data["results"]) == set(EXPERIMENTS):
