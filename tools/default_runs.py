@@ -154,8 +154,8 @@ def render(data: dict) -> str:
     seeds = sorted({r["seed"] for e in data["results"].values() for r in e["runs"]})
     lines = [*rows, "", f"Seeds {', '.join(map(str, seeds))}; measured with {_dated(data)}."]
     for other in others(data):
-        lines += ["", f"The same seeds on {other['machine']}, top-1 error and mean time: " + "; ".join(_compared(data["results"], name, entry["runs"])
-                                                         for name, entry in other["results"].items()) + "."]
+        compared = [_compared(data["results"], name, entry["runs"]) for name, entry in other["results"].items()]
+        lines += ["", f"The same seeds on {other['machine']}, top-1 error and mean time: {'; '.join(compared)}."]
     return "\n".join(lines)
 
 
@@ -268,13 +268,13 @@ def repeats(old: dict | None, name: str, runs: list[dict]) -> bool:
 def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pathlib.Path) -> int:
     """`--compare`: `there`'s runs into `out`'s comparison; with the default `out` and every
     experiment in its table, the README's table rewritten too."""
-    data, other = _read(out), _read(there)
-    if data is None or other is None:
-        parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     def broken(err):  # `there` is checked: `out` was edited by hand
         parser.error(f"{out} is not a default runs file ({type(err).__name__} {err}): rewrite it with "
                      "python -m tools.default_runs")
 
+    data, other = _read(out), _read(there)
+    if data is None or other is None:
+        parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     try:
         data = compare(data, other)
     except ValueError as err:
