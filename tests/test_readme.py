@@ -45,9 +45,12 @@ def test_default_runs_table_is_rendered_from_its_json():
     data = json.loads((ROOT / "docs" / "default_runs.json").read_text())
     assert list(data["results"]) == list(default_runs.EXPERIMENTS)  # every default experiment ...
     assert all(len(e["runs"]) == default_runs.SEEDS for e in data["results"].values())  # ... at every seed
-    for name, entry in data["results"].items():  # ... as the experiment trains today (an older
-        today = default_runs.describe(name)  # entry may lack a later-recorded key)
-        assert {k: today[k] for k in entry["config"]} == entry["config"], f"{name}: rerun python -m tools.default_runs"
+    compared = [(o["machine"], e) for o in default_runs.others(data) for e in o["results"].items()]
+    for where, (name, entry) in [("the table", e) for e in data["results"].items()] + compared:
+        today = default_runs.describe(name)  # ... as the experiment trains today, here and on the machines
+        recorded = {k: today[k] for k in entry["config"]}  # compared (an older entry may lack a later key)
+        assert recorded == entry["config"], f"{name} in {where}: rerun python -m tools.default_runs"
+    assert all(sorted(r["seed"] for r in e["runs"]) == list(range(default_runs.SEEDS)) for _, (_, e) in compared)
     readme = ROOT / "README.md"
     assert rewrite(readme, default_runs.render(data), default_runs.BEGIN, default_runs.END) == readme.read_text()
 
