@@ -10,8 +10,8 @@ max |w - w64| over the largest float64 displacement max |w64 - w0| of that layer
 the model's largest displacement, if that is larger); a step's distance is its worst layer.
 
 AlexNet (LRN, one tower, LeCun-normal initialisation, at 67x67 where pool5 is 1x1) and
-ResNet-18 (batch norm, its statistics over the whole batch on both sides; marked slow) are
-the networks; `python -m pytest tests/test_lockstep.py -n 0 -s -m ''` prints the per-step tables.
+ResNet-18 (batch norm, its statistics over the whole batch on both sides) are
+the networks; `python -m pytest tests/test_lockstep.py -n 0 -s` prints the per-step tables.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def table(name: str) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("name", ["alexnet", pytest.param("resnet18", marks=pytest.mark.slow)])  # ResNet: ~4 min
+@pytest.mark.parametrize("name", ["alexnet", "resnet18"])
 def test_twenty_steps_stay_as_close_to_float64_as_float32_pytorch(name):
     print("\n" + table(name))
     rows = lockstep(name)
