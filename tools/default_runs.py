@@ -123,15 +123,20 @@ def _measured_here(old: dict) -> bool:
 
 def _undated(described: str) -> str:
     """A results file's machine without the day it ends with (if it ends with one)."""
+    return _split_day(described)[0]
+
+
+def _split_day(described: str) -> tuple[str, str | None]:
+    """A results file's (machine, day), the day None where the string does not end with one."""
     head, _, last = described.rpartition(", ")
-    return head if re.fullmatch(r"\d{4}-\d{2}-\d{2}", last) else described
+    return (head, last) if re.fullmatch(r"\d{4}-\d{2}-\d{2}", last) else (described, None)
 
 
 def _kept(old: dict | None, rerun: list[str]) -> dict | None:
     """The other experiments' results in `old`, in the table's order, if measured here on these versions."""
     if old is None or not _measured_here(old):
         return None
-    day = old["machine"].rsplit(", ", 1)[-1]  # results written before each had its own day: the file's
+    day = _split_day(old["machine"])[1]  # results written before each had its own day: the file's
     return {n: {"date": day, **old["results"][n]} for n in EXPERIMENTS if n in old.get("results", {}) and n not in rerun}
 
 
@@ -185,7 +190,7 @@ def others(data: dict | None) -> list[dict]:
 
 def _dated(data: dict) -> str:
     """The machine, and the day each experiment ran on (a partial rerun keeps the others' days)."""
-    described, last = data["machine"].rsplit(", ", 1)
+    described, last = _split_day(data["machine"])
     days: dict[str, list[str]] = {}
     for name, entry in data["results"].items():
         days.setdefault(entry.get("date", last), []).append(f"`{name}`")
@@ -204,7 +209,7 @@ def elsewhere(old: dict | None, rerun: list[str], repeated: set[str] = frozenset
         return []
     if not _measured_here(old):
         return [{"machine": old["machine"], "results": old["results"]},
-                *(o for o in others(old) if _undated(o["machine"]) != machine(dated=False))]
+                *(o for o in others(old) if not _measured_here(o))]
     changed = {n for n in rerun if n in old["results"] and n not in repeated}  # not those new to `old`
     kept = [{**o, "results": {n: r for n, r in o.get("results", {}).items() if n not in changed}}
             for o in others(old)]
@@ -282,24 +287,28 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     except (KeyError, TypeError, AttributeError) as err:
         broken(err)
     try:
-        render(data)  # before anything is written
+        table = render(data)  # before anything is written
     except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: an empty list of runs
         broken(err)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
-    if out.resolve() == DEFAULT_OUT.resolve() and set(data["results"]) == set(EXPERIMENTS):
-        write_readme(data)
-    else:
-        print(render(data))
+    publish(table, data, out)
     return 0
 
 
-def write_readme(data: dict) -> None:
+def publish(table: str, data: dict, out: pathlib.Path) -> None:
+    """Prints the rendered `table`, and writes it into the README when `out` is the README's
+    data and holds every experiment."""
+    if out.resolve() == DEFAULT_OUT.resolve() and set(data["results"]) == set(EXPERIMENTS):
+        write_readme(table)
+    print(table)
+
+
+def write_readme(table: str) -> None:
     from experiments.reproductions import rewrite
 
-    (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
+    (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", table, BEGIN, END))
     print("wrote the table to README.md")
-    print(render(data))
 
 
 def main(argv=None) -> int:
@@ -359,10 +368,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
-    if default_out and set(data["results"]) == set(EXPERIMENTS):
-        write_readme(data)
-    else:
-        print(render(data))
+    publish(render(data), data, args.out)
     return 0
 
 
