@@ -78,17 +78,21 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
         {"machine": there, "results": {n: r for n, r in results.items() if n != "vgg"}}]
 
 
+def runs_of(top1: list[float], seconds: float = 9.0) -> list[dict]:
+    """Seeds 0, 1, ...'s records as `tools.default_runs.run_one` writes them, each final error
+    also its run's best evaluation."""
+    return [{"seed": s, "seconds": seconds, "top1_error": e, "top5_error": 0.0, "best_top1_error": e}
+            for s, e in enumerate(top1)]
+
+
 def test_a_rerun_that_repeats_its_results_keeps_them_elsewhere():
     """Rerun here with the same results, digit for digit, an experiment's code did not change:
     its results on other machines still compare."""
     from tools import default_runs
 
-    def runs(top1):
-        return [{"seed": s, "top1_error": e, "top5_error": 0.0, "best_top1_error": e} for s, e in enumerate(top1)]
-
-    there = {"machine": "another machine, 2099-01-01", "results": {"alexnet": {"runs": runs([0.05, 0.04])}}}
-    old = {"machine": default_runs.machine(), "results": {"alexnet": {"runs": runs([0.05, 0.06])}}, "elsewhere": there}
-    again, other = runs([0.05, 0.06]), runs([0.05, 0.0633])
+    there = {"machine": "another machine, 2099-01-01", "results": {"alexnet": {"runs": runs_of([0.05, 0.04])}}}
+    old = {"machine": default_runs.machine(), "results": {"alexnet": {"runs": runs_of([0.05, 0.06])}}, "elsewhere": there}
+    again, other = runs_of([0.05, 0.06]), runs_of([0.05, 0.0633])
     assert default_runs.repeats(old, "alexnet", [{**r, "seconds": 1.0} for r in reversed(again)])
     assert not default_runs.repeats(old, "alexnet", other) and not default_runs.repeats(old, "lenet", again)
     assert not default_runs.repeats({**old, "machine": there["machine"]}, "alexnet", again)  # measured elsewhere
@@ -104,9 +108,7 @@ def test_another_machines_runs_are_compared_with_the_tables_range():
     from tools import default_runs
 
     def entry(top1, batch=32, **recorded):  # `recorded`: a key recorded later (older entries lack it)
-        return {"config": {"batch": batch, **recorded},
-                "runs": [{"seed": s, "seconds": 60.0 * (s + 1), "top1_error": e, "top5_error": 0.0,
-                          "best_top1_error": e} for s, e in enumerate(top1)]}
+        return {"config": {"batch": batch, **recorded}, "runs": runs_of(top1, seconds=120.0)}
 
     table = {"machine": "machine A, 2 cores, 2099-01-01",
              "results": {"lenet": entry([0.04, 0.05, 1 / 30]), "resnet": entry([0.01, 0.02, 0.03])}}
@@ -184,9 +186,8 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
     config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
 
     def record(machine, top1, **fields):
-        runs = [{"seed": s, "seconds": 9.0, "top1_error": e, "top5_error": 0.0, "best_top1_error": e}
-                for s, e in enumerate(top1)]
-        return json.dumps({"machine": machine, "results": {"lenet": {"config": config, "runs": runs, **fields}}})
+        entry = {"config": config, "runs": runs_of(top1), **fields}
+        return json.dumps({"machine": machine, "results": {"lenet": entry}})
 
     table, there = tmp_path / "table.json", tmp_path / "there.json"
     good_table = record("machine A, 2 cores, 2099-01-01", [0.04, 0.05])
