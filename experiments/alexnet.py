@@ -1,7 +1,7 @@
 """AlexNet (Krizhevsky et al. 2012): `python -m experiments.alexnet`.
 
 Default: the paper's network, optimiser and preprocessing on the offline digits dataset,
-3 epochs in 2½ to 6 minutes on 2 CPU cores, by CPU (the README's default runs table has the
+3 epochs in 2½ to 6 minutes on average on 2 CPU cores, by CPU (the README's default runs table has the
 measured times). Two departures, printed at start: He-normal initialisation with zero
 biases, because the paper's N(0, 0.01) with biases 1 sits at ln(10) for 125+ steps on this
 data (and LeCun-normal for about 40 of the first 92); and the rate divided by 10 once at 3/4

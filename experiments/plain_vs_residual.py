@@ -10,8 +10,8 @@ augmented batches), its last `experiment.tail` logged values averaged. Writes re
 results.md and plain_vs_residual.png to the workdir (default runs/plain_vs_residual).
 Budget: 14 minutes on 2 CPU cores (8 runs of 200 steps; measured 13 min 33 s on 2026-12-02,
 before later changes to the training code, on a machine not recorded, and 4 min 13 s on
-2026-12-04 on an AMD EPYC of family 26, where the default runs take about 0.4 of their
-table's times). At that length the 56-layer nets are still early in training (lr 0.1 from the first step).
+2026-12-04 on an AMD EPYC of family 26, where the default runs take 0.40-0.44 of their
+table's times, LeNet-5's 0.9). At that length the 56-layer nets are still early in training (lr 0.1 from the first step).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def test_default_runs_table_is_rendered_from_its_json():
         today = default_runs.describe(name)  # ... as the experiment trains today, here and on the machines
         recorded = {k: today[k] for k in entry["config"]}  # compared (an older entry may lack a later key)
         assert recorded == entry["config"], f"{name} in {where}: rerun python -m tools.default_runs"
-    assert all(sorted(r["seed"] for r in e["runs"]) == list(range(default_runs.SEEDS)) for _, (_, e) in compared)
+    entries = [*data["results"].values(), *(e for _, (_, e) in compared)]
+    assert all(sorted(r["seed"] for r in e["runs"]) == list(range(default_runs.SEEDS)) for e in entries)
     readme = ROOT / "README.md"
     assert rewrite(readme, default_runs.render(data), default_runs.BEGIN, default_runs.END) == readme.read_text()
 
@@ -148,6 +149,7 @@ def test_default_runs_name_the_day_each_experiment_ran():
     old = {"machine": f"{default_runs.machine(dated=False)}, 2099-01-01",
            "results": {n: {"runs": [n]} for n in default_runs.EXPERIMENTS}}
     kept = default_runs._kept(old, ["resnet", "vgg"])
+    assert default_runs._kept({**old, "machine": default_runs.machine(dated=False)}, []) is None  # no day: not ours
     assert {n: e["date"] for n, e in kept.items()} == {n: "2099-01-01" for n in ("alexnet", "lenet", "googlenet")}
     data = {"machine": "a machine, 2 cores, 2099-01-02",
             "results": {**kept, "resnet": {"date": "2099-01-02"}, "vgg": {"date": "2099-01-02"}}}
@@ -212,3 +214,8 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
     monkeypatch.setattr(default_runs, "DEFAULT_OUT", table)  # the default TABLE, but with one experiment
     monkeypatch.setattr(default_runs, "write_readme", rewritten.append)
     assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0 and rewritten == []
+    full = {**json.loads(table.read_text()), "results": {n: json.loads(good_table)["results"]["lenet"]
+                                                         for n in default_runs.EXPERIMENTS}}
+    table.write_text(json.dumps(full))  # every experiment in the default TABLE: the README is rewritten
+    assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0
+    assert rewritten == [default_runs.render(json.loads(table.read_text()))]

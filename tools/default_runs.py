@@ -118,7 +118,8 @@ def _read(path: pathlib.Path) -> dict | None:
 
 def _measured_here(old: dict) -> bool:
     """Whether `old` was measured on this machine and these versions (its date aside)."""
-    return _undated(old.get("machine", "")) == machine(dated=False)
+    described, day = _split_day(old.get("machine", ""))
+    return day is not None and described == machine(dated=False)
 
 
 def _undated(described: str) -> str:
@@ -255,7 +256,7 @@ def _check_runs(there: dict) -> None:
 
 
 def _number(value) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)  # not a bool, NaN or infinity
+    return type(value) is int or (type(value) is float and math.isfinite(value))  # not a bool, NaN or infinity
 
 
 def _same(runs: list[dict], again: list[dict]) -> bool:
@@ -328,6 +329,8 @@ def main(argv=None) -> int:
         return add_comparison(parser, args.compare, args.out)
     names = [n for n in args.experiments.split(",") if n]
     unknown = sorted(set(names) - set(EXPERIMENTS))
+    if not names:
+        parser.error("--experiments names none: leave it out for all of them")
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
