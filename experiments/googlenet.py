@@ -3,12 +3,12 @@
 Auxiliary heads on 4a and 4d, weighted 0.3 in the loss (`--config.aux_weight`). Offline
 default at 80x80, the smallest input every window tiles (4a gives 5x5, what the auxiliary
 heads' 5x5/3 pooling needs), for 8 epochs: without batch norm the network sits near chance
-for its first hundred steps, and at 128x128 two epochs (5 min 0 s on average, where 8 epochs
-at 80x80 took 4 min 14 s on another machine of the README's type) left seeds 0-4
-at 32-50%. The rate is divided by 10 at three quarters of the run (printed at start): the
-paper's 4% every 8 epochs is constant over 8 epochs, and the plateau rule divided it at the
-first evaluation that did not improve, after 3 of the 8 epochs for seeds 2 and 3 (which
-ended 8.3% and 6.0%; seeds 0-4: 1.7-8.3%). With the fixed drop: 1.3-2.3%.
+for its first hundred steps, and at 128x128 two epochs (about as long as 8 epochs at 80x80)
+left seeds 0-4 at 32-50%. The rate is divided by 10 at three quarters of the run (printed at
+start): the paper's 4% every 8 epochs is constant over 8 epochs, and the plateau rule divided
+it at the first evaluation that did not improve, after 3 of the 8 epochs for seeds 2 and 3
+(which ended 8.3% and 6.0%; seeds 0-4: 1.7-8.3%). The README's default runs table has the
+fixed drop's results.
 """
 
 from ml_collections import config_dict

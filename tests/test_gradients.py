@@ -4,7 +4,8 @@ The first update (the paper's rule from zero momentum: -lr * (gradient + decay *
 goes through the jit runner, the pmap runner and a plain `jax.jit(train_step)` of the kind a
 researcher writes, and the two-tower AlexNet through its ('data',
 'model') mesh. Each is compared with the same update computed in float64 by the same model
-in JAX (every layer, LRN and batch norm included, then computes in float64), which in turn
+in JAX (every layer, LRN and batch norm included, then computes in float64; JAX's own
+derivative of XLA's standard operations, not `cnn_jax.fast_cpu`'s written-out ones), which in turn
 equals float64 PyTorch for AlexNet and LeNet-5 (written independently in
 `benchmarks/torch_models.py`) and for VGG-11/BN and ResNet-18 (torchvision's, written out in
 `tests/torchvision_reference.py`). A layer's deviation is its largest absolute difference over
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 import pytest
 
-from cnn_jax import get_model, optim, parallel, weights
+from cnn_jax import fast_cpu, get_model, optim, parallel, weights
 from cnn_jax.train import create_train_state, eval_step, train_step
 
 LR, MOMENTUM, DECAY, AUX_WEIGHT = 0.01, 0.9, 5e-4, 0.3
@@ -121,11 +122,13 @@ def _float64_grad(name: str):
 
 def probed_update(name: str, shards: int, probe: float) -> dict:
     """The first update in float64 JAX, its gradient the mean over `shards` equal parts of
-    the batch (pmap: batch-norm statistics per device).
+    the batch (pmap: batch-norm statistics per device). It is JAX's own derivative of XLA's
+    standard operations (`fast_cpu.forced(False)`), independent of the derivatives that
+    `cnn_jax.fast_cpu` writes out for the project's CPU steps.
     `probe`: every weight w is first moved to w * (1 + probe * n), n a fixed normal draw."""
     _, shape, state = _start(name)
     rng = np.random.default_rng(99)
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), fast_cpu.forced(False):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.params)
         params = jax.tree.map(lambda a: a * (1 + probe * rng.normal(size=a.shape)), params)
         stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.batch_stats)

@@ -200,7 +200,9 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
             (good_table, good_there, ["--seeds", "2"], "--seeds has no use"),
             (good_table, good_there, ["--runs", str(tmp_path)], "--runs has no use"),
             (record("machine A, 2 cores, 2099-01-01", [0.04, 0.05], config={"batch": 32}), good_there, [],
-             "is not a default runs file (KeyError 'model')")]:
+             "is not a default runs file (KeyError 'model')"),
+            (good_table.replace('"seconds": 9.0', '"seconds": Infinity', 1), good_there, [],
+             "is not a default runs file (ValueError its 'lenet' has no runs, or a run without numbers")]:
         table.write_text(table_text)
         there.write_text(there_text)
         with pytest.raises(SystemExit) as exit_:

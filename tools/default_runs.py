@@ -282,6 +282,10 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     try:
+        _check_runs(data)
+    except ValueError as err:
+        broken(err)
+    try:
         data = compare(data, other)
     except ValueError as err:
         parser.error(f"{there} does not compare with {out}: {err}")
