@@ -25,7 +25,6 @@ its largest float64 update (or 1e-3 of the model's largest, if that is larger).
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 
 import chex
@@ -37,9 +36,6 @@ import pytest
 
 from cnn_jax import fast_cpu, get_model, optim, parallel, weights
 from cnn_jax.train import create_train_state, eval_step, train_step
-
-# float64 inside a block: jax.enable_x64 from jax 0.8, jax.experimental.enable_x64 in 0.7 (gone since)
-_enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else importlib.import_module("jax.experimental").enable_x64
 
 LR, MOMENTUM, DECAY, AUX_WEIGHT = 0.01, 0.9, 5e-4, 0.3
 FLOOR = 2e-5  # the smallest tolerance; float32 PyTorch deviates by up to 2.9e-6 without batch norm
@@ -132,7 +128,7 @@ def probed_update(name: str, shards: int, probe: float) -> dict:
     `probe`: every weight w is first moved to w * (1 + probe * n), n a fixed normal draw."""
     _, shape, state = _start(name)
     rng = np.random.default_rng(99)
-    with _enable_x64(True), fast_cpu.forced(False):
+    with jax.enable_x64(True), fast_cpu.forced(False):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.params)
         params = jax.tree.map(lambda a: a * (1 + probe * rng.normal(size=a.shape)), params)
         stats = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.batch_stats)
@@ -202,9 +198,14 @@ def deviations(update: dict, reference: dict) -> dict[str, float]:
             for keypath, ref in flat}
 
 
-def _check(found: dict[str, float], tolerance: dict[str, float] | float, what: str):
+def outside(found: dict[str, float], tolerance: dict[str, float] | float) -> dict[str, tuple[float, float]]:
+    """{layer: (deviation, tolerance)} of the layers whose deviation the rule rejects."""
     limit = (lambda k: tolerance[k]) if isinstance(tolerance, dict) else (lambda k: tolerance)
-    wrong = {k: (v, limit(k)) for k, v in found.items() if not v <= limit(k)}
+    return {k: (v, limit(k)) for k, v in found.items() if not v <= limit(k)}
+
+
+def _check(found: dict[str, float], tolerance: dict[str, float] | float, what: str):
+    wrong = outside(found, tolerance)
     assert not wrong, f"{what}: {len(wrong)} layer(s) off float64: " + ", ".join(
         f"{k} {v:.1e} (tolerance {t:.1e})" for k, (v, t) in sorted(wrong.items(), key=lambda kv: -kv[1][0]))
 

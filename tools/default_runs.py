@@ -282,7 +282,8 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     try:
-        _check_runs(data)
+        for entry in (data, *others(data)):  # the table and the machines it compares with
+            _check_runs(entry)
     except ValueError as err:
         broken(err)
     try:
@@ -342,6 +343,11 @@ def main(argv=None) -> int:
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
+    try:
+        for entry in (old, *others(old)) if old else ():  # before any run: its table is rendered after them
+            _check_runs(entry)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        parser.error(f"{args.out} is not a default runs file ({type(err).__name__} {err}): move it away and rerun")
     data = {"machine": machine(), "results": {}}
     if default_out and set(names) != set(EXPERIMENTS):
         kept = _kept(old, names)
