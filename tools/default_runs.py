@@ -284,7 +284,7 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     try:
         for entry in (data, *others(data)):  # the table and the machines it compares with
             _check_runs(entry)
-    except ValueError as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         broken(err)
     try:
         data = compare(data, other)
