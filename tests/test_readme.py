@@ -203,8 +203,8 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
              "is not a default runs file (KeyError 'model')"),
             (good_table.replace('"seconds": 9.0', '"seconds": Infinity', 1), good_there, [],
              "is not a default runs file (ValueError its 'lenet' has no runs, or a run without numbers"),
-            (json.dumps({**json.loads(good_table), "elsewhere": [{**json.loads(good_there.replace(
-                '"seconds": 9.0', '"seconds": Infinity', 1))}]}), good_there, [],
+            (json.dumps({**json.loads(good_table), "elsewhere": [json.loads(good_there.replace(
+                '"seconds": 9.0', '"seconds": Infinity', 1))]}), good_there, [],
              "is not a default runs file (ValueError its 'lenet' has no runs, or a run without numbers")]:
         table.write_text(table_text)
         there.write_text(there_text)

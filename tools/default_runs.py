@@ -255,6 +255,16 @@ def _check_runs(there: dict) -> None:
             raise ValueError(f"its '{name}' has no runs, or a run without numbers for {', '.join(RUN_KEYS)}")
 
 
+NOT_RUNS = (ValueError, KeyError, TypeError, AttributeError)  # what a hand-edited results file raises here
+
+
+def _check_file(data: dict) -> None:
+    """`_check_runs` on a results file and each machine it compares with: before a table is
+    rendered from it, so that what is wrong is named in one line, not met in a traceback."""
+    for entry in (data, *others(data)):
+        _check_runs(entry)
+
+
 def _number(value) -> bool:
     return type(value) is int or (type(value) is float and math.isfinite(value))  # not a bool, NaN or infinity
 
@@ -282,19 +292,16 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
     try:
-        for entry in (data, *others(data)):  # the table and the machines it compares with
-            _check_runs(entry)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        _check_file(data)
+    except NOT_RUNS as err:
         broken(err)
     try:
-        data = compare(data, other)
+        data = compare(data, other)  # both files checked: only ValueError names what does not compare
     except ValueError as err:
         parser.error(f"{there} does not compare with {out}: {err}")
-    except (KeyError, TypeError, AttributeError) as err:
-        broken(err)
     try:
         table = render(data)  # before anything is written
-    except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: an empty list of runs
+    except NOT_RUNS as err:  # a config without the table's columns
         broken(err)
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}")
@@ -344,9 +351,9 @@ def main(argv=None) -> int:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
     try:
-        for entry in (old, *others(old)) if old else ():  # before any run: its table is rendered after them
-            _check_runs(entry)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if old:
+            _check_file(old)  # before any run: its table is rendered after them
+    except NOT_RUNS as err:
         parser.error(f"{args.out} is not a default runs file ({type(err).__name__} {err}): move it away and rerun")
     data = {"machine": machine(), "results": {}}
     if default_out and set(names) != set(EXPERIMENTS):
