@@ -205,6 +205,8 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
              "is not a default runs file (ValueError its 'lenet' has no runs, or a run without numbers"),
             (json.dumps({**json.loads(good_table), "elsewhere": [json.loads(good_there.replace(
                 '"seconds": 9.0', '"seconds": Infinity', 1))]}), good_there, [],
+             "(ValueError its comparison with 'machine B, 2 cores, 2099-01-02': its 'lenet' has no runs"),
+            (good_table.replace('"top1_error": 0.04', '"top1_error": 1' + '0' * 400, 1), good_there, [],
              "is not a default runs file (ValueError its 'lenet' has no runs, or a run without numbers")]:
         table.write_text(table_text)
         there.write_text(there_text)
@@ -227,15 +229,18 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
 
 
 def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    """A README table file edited by hand (a time of Infinity) is a one-line error before the
-    first of 25 runs, not a traceback when the table is rendered after them."""
+    """A README table file edited by hand (a time of Infinity, a config without the table's
+    columns) is a one-line error before the first run, not a traceback when the table is
+    rendered after them."""
     from tools import default_runs
 
     table = tmp_path / "table.json"
-    table.write_text(json.dumps({"machine": "machine A, 2 cores, 2099-01-01", "results": {
-        "lenet": {"config": {}, "runs": runs_of([0.04], seconds=float("inf"))}}}))
     monkeypatch.setattr(default_runs, "DEFAULT_OUT", table)
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
-    with pytest.raises(SystemExit) as exit_:
-        default_runs.main(["--out", str(table)])
-    assert exit_.value.code == 2 and "is not a default runs file" in capsys.readouterr().err
+    for runs, why in [(runs_of([0.04], seconds=float("inf")), "ValueError its 'lenet' has no runs"),
+                      (runs_of([0.04]), "KeyError 'model'")]:  # a config without the table's columns
+        table.write_text(json.dumps({"machine": "machine A, 2 cores, 2099-01-01",
+                                     "results": {"lenet": {"config": {}, "runs": runs}}}))
+        with pytest.raises(SystemExit) as exit_:
+            default_runs.main(["--out", str(table), "--experiments", "lenet"])
+        assert exit_.value.code == 2 and f"is not a default runs file ({why}" in capsys.readouterr().err

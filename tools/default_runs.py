@@ -259,14 +259,23 @@ NOT_RUNS = (ValueError, KeyError, TypeError, AttributeError)  # what a hand-edit
 
 
 def _check_file(data: dict) -> None:
-    """`_check_runs` on a results file and each machine it compares with: before a table is
-    rendered from it, so that what is wrong is named in one line, not met in a traceback."""
+    """`_check_runs` on a results file and each machine it compares with, then its table
+    rendered: before anything is run or written, so that what is wrong is named in one line,
+    not met in a traceback after the runs."""
     for entry in (data, *others(data)):
-        _check_runs(entry)
+        try:
+            _check_runs(entry)
+        except ValueError as err:
+            raise ValueError(err if entry is data else f"its comparison with {entry.get('machine')!r}: {err}") from None
+    render(data)
 
 
 def _number(value) -> bool:
-    return type(value) is int or (type(value) is float and math.isfinite(value))  # not a bool, NaN or infinity
+    """A finite int or float: not a bool, NaN, infinity, or an int too large for a float."""
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _same(runs: list[dict], again: list[dict]) -> bool:
