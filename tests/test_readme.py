@@ -244,3 +244,25 @@ def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys)
         with pytest.raises(SystemExit) as exit_:
             default_runs.main(["--out", str(table), "--experiments", "lenet"])
         assert exit_.value.code == 2 and f"is not a default runs file ({why}" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """`--out` that is a folder, under a file, or where no file can be made is a one-line error (exit 2) before
+    the first run, not an OSError traceback after all of them; a missing folder is made."""
+    from tools import default_runs
+
+    monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
+    (tmp_path / "a_file").write_text("")
+    cases = [(tmp_path, "is a folder"), (tmp_path / "a_file" / "runs.json", "its folder cannot be made")]
+    if pathlib.Path("/proc/self").exists():  # Linux: no file can be made there, even by root
+        cases.append((pathlib.Path("/proc/cnn_jax_runs.json"), "cannot be written"))
+    for out, why in cases:
+        for argv in (["--experiments", "lenet", "--seeds", "1"], ["--compare", str(tmp_path / "there.json")]):
+            with pytest.raises(SystemExit) as exit_:
+                default_runs.main([*argv, "--out", str(out)])
+            assert exit_.value.code == 2 and why in capsys.readouterr().err
+    monkeypatch.setattr(default_runs, "run_one", lambda name, seed, workdir: {
+        "seed": seed, "seconds": 1.0, "top1_error": 0.01, "top5_error": 0.0, "best_top1_error": 0.01})
+    assert default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(tmp_path / "new" / "r.json"),
+                              "--runs", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["results"]["lenet"]["runs"][0]["seed"] == 0

@@ -270,6 +270,26 @@ def _check_file(data: dict) -> None:
     render(data)
 
 
+def _unwritable(out: pathlib.Path) -> str | None:
+    """Why results cannot be written to `out` (a folder, a folder that cannot be made, no
+    permission), or None: asked before any run, so that an hour of runs is not lost at the end."""
+    if out.is_dir():
+        return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out}: its folder cannot be made ({err.strerror}): choose another --out"
+    existed = out.exists()
+    try:
+        with out.open("a"):  # appends nothing to a file that is there
+            pass
+    except OSError as err:
+        return f"--out {out} cannot be written ({err.strerror}): choose another --out"
+    if not existed:
+        out.unlink()
+    return None
+
+
 def _number(value) -> bool:
     """A finite int or float: not a bool, NaN, infinity, or an int too large for a float."""
     try:
@@ -297,6 +317,8 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
         parser.error(f"{out} is not a default runs file ({type(err).__name__} {err}): rewrite it with "
                      "python -m tools.default_runs")
 
+    if why := _unwritable(out):
+        parser.error(why)
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
@@ -355,6 +377,8 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
+    if why := _unwritable(args.out):
+        parser.error(why)
     default_out = args.out.resolve() == DEFAULT_OUT.resolve()
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
@@ -394,7 +418,6 @@ def main(argv=None) -> int:
         data.update({"elsewhere": other} if (other := elsewhere(old, finished, same)) else {})
         if same:
             print(f"    {', '.join(sorted(same))}: the same results as before, digit for digit", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
     publish(render(data), data, args.out)
