@@ -32,12 +32,24 @@ def check_images(x, model: str):
                          "through cnn_jax.data.augment.Preprocessor, or convert and normalise them first")
 
 
+_SHAPE = r"(\([\d, ]+\))"
+# Flax's ScopeParamShapeError as worded from flax 0.11.2 on, and before (where the two shapes are
+# swapped): the groups that give parameter, scope, the shape these images need, its own shape.
+_MISMATCH = ((re.compile(rf'For parameter "(\w+)" in "([^"]+)".*?generate shape {_SHAPE}.*?has shape {_SHAPE}'),
+              (1, 2, 3, 4)),
+             (re.compile(rf'generate shape {_SHAPE} but got shape {_SHAPE} instead for parameter "(\w+)" in "([^"]+)"'),
+              (3, 4, 2, 1)))
+
+
 def _parameter_mismatch(model: str, shape: tuple, message: str) -> InputError:
     """Flax's shape error in one line, naming channels only when they are the difference."""
-    found = re.search(r'"(\w+)" in "([^"]+)".*?shape (\([\d, ]+\)).*?shape (\([\d, ]+\))', message)
-    if not found:
+    for pattern, order in _MISMATCH:
+        if found := pattern.search(message):
+            param, where, wanted, saved = (found.group(i) for i in order)
+            break
+    else:
         return InputError(f"{model}: the parameters do not fit these images ({message.split('. (https')[0]})")
-    param, where, wanted, saved = found.group(1), found.group(2), *map(ast.literal_eval, found.group(3, 4))
+    wanted, saved = ast.literal_eval(wanted), ast.literal_eval(saved)
     if len(wanted) == len(saved) == 4 and wanted[:2] == saved[:2] and wanted[-1] == saved[-1] \
             and wanted[2] == shape[-1] != saved[2]:
         return InputError(f"{model} got images with {shape[-1]} channel(s) but its parameters take {saved[2]} "

@@ -100,7 +100,7 @@ class TorchSide:
         params = list(self.net.parameters())
         saved = [p.detach().clone() for p in params] if probe else []
         with torch.no_grad():
-            for p, n in zip(params, self.noise() if probe else []):
+            for p, n in zip(params, self.noise if probe else []):
                 p.addcmul_(p, n, value=probe)  # w (1 + probe n), in place
         images = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2)).to(self.dtype)
         self.net.zero_grad(set_to_none=True)  # the next backward writes new tensors: these stay ours
@@ -112,7 +112,7 @@ class TorchSide:
                 p.copy_(s)
         return grads, loss.item()
 
-    @functools.cache
+    @functools.cached_property  # on the instance: a class-level cache would keep every float64 network alive
     def noise(self) -> list:
         """One fixed standard normal draw per parameter (every probe moves the weights along it)."""
         gen = torch.Generator().manual_seed(99)
