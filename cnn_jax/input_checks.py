@@ -32,12 +32,12 @@ def check_images(x, model: str):
                          "through cnn_jax.data.augment.Preprocessor, or convert and normalise them first")
 
 
-_SHAPE = r"(\([\d, ]+\))"
+_SHAPE = r"(\([\d, ]*\))"
 # Flax's ScopeParamShapeError as worded from flax 0.11.2 on, and before (where the two shapes are
 # swapped): the groups that give parameter, scope, the shape these images need, its own shape.
-_MISMATCH = ((re.compile(rf'For parameter "(\w+)" in "([^"]+)".*?generate shape {_SHAPE}.*?has shape {_SHAPE}'),
+_MISMATCH = ((re.compile(rf'For parameter "([^"]+)" in "([^"]+)".*?generate shape {_SHAPE}.*?has shape {_SHAPE}'),
               (1, 2, 3, 4)),
-             (re.compile(rf'generate shape {_SHAPE} but got shape {_SHAPE} instead for parameter "(\w+)" in "([^"]+)"'),
+             (re.compile(rf'generate shape {_SHAPE} but got shape {_SHAPE} instead for parameter "([^"]+)" in "([^"]+)"'),
               (3, 4, 2, 1)))
 
 

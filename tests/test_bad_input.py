@@ -248,3 +248,25 @@ def test_library_warnings_go_to_the_run_log_and_stay_off_the_console(tmp_path):
     text = (tmp_path / "warnings.log").read_text()
     assert path.endswith("warnings.log") and "dataset_info.json" in text and "not kept" not in text
     assert "after the run" not in text
+
+
+@pytest.mark.parametrize("message", [
+    # flax 0.11.2 and later
+    'For parameter "{p}" in "{w}", the given initializer is expected to generate shape {new}, but the existing '
+    'parameter it received has shape {old}.',
+    # flax 0.11.1 and earlier, which swap the two shapes
+    'Initializer expected to generate shape {old} but got shape {new} instead for parameter "{p}" in "{w}".'],
+    ids=["flax>=0.11.2", "flax<0.11.2"])
+def test_flax_shape_errors_are_read_in_either_wording(message):
+    """Both wordings of flax's ScopeParamShapeError give the same one line: the channels when
+    they are the difference, the shapes otherwise."""
+    from cnn_jax.input_checks import _parameter_mismatch
+
+    read = lambda p, w, old, new, images: str(_parameter_mismatch(  # noqa: E731
+        "AlexNet", images, message.format(p=p, w=w, old=old, new=new)))
+    assert read("kernel", "/conv1", (11, 11, 3, 96), (11, 11, 1, 96), (2, 227, 227, 1)) == (
+        "AlexNet got images with 1 channel(s) but its parameters take 3 (/conv1/kernel): give it 3-channel "
+        "images, or parameters made for these")
+    assert read("kernel", "/fc6", (256, 4096), (1024, 4096), (2, 99, 99, 3)).startswith(
+        "AlexNet: parameter /fc6/kernel has shape (256, 4096) but these images of shape (2, 99, 99, 3) need "
+        "(1024, 4096):")

@@ -247,20 +247,36 @@ def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys)
 
 
 def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    """`--out` that is a folder, under a file, or where no file can be made is a one-line error (exit 2) before
-    the first run, not an OSError traceback after all of them; a missing folder is made."""
+    """`--out` that is a folder, under a file, or where no file can be made is a one-line error
+    (exit 2) before the first run, not an OSError traceback after all of them; the check makes,
+    changes and leaves behind nothing (an existing file, a symbolic link, a folder still to be
+    made), and a run then writes its file, making its folder."""
     from tools import default_runs
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
-    (tmp_path / "a_file").write_text("")
-    cases = [(tmp_path, "is a folder"), (tmp_path / "a_file" / "runs.json", "its folder cannot be made")]
+    area = tmp_path / "area"
+    area.mkdir()
+    (area / "a_file").write_text("")
+    cases = [(area, "is a folder"), (area / "a_file" / "runs.json", "a file, not a folder"),
+             (area / ("x" * 300), "cannot be written (File name too long)")]
     if pathlib.Path("/proc/self").exists():  # Linux: no file can be made there, even by root
         cases.append((pathlib.Path("/proc/cnn_jax_runs.json"), "cannot be written"))
     for out, why in cases:
-        for argv in (["--experiments", "lenet", "--seeds", "1"], ["--compare", str(tmp_path / "there.json")]):
-            with pytest.raises(SystemExit) as exit_:
-                default_runs.main([*argv, "--out", str(out)])
-            assert exit_.value.code == 2 and why in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(out)])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    assert sorted(p.name for p in area.rglob("*")) == ["a_file"]  # no probe left, no folder made
+
+    table = area / "table.json"
+    table.write_text('{"results": {}}')
+    before = table.read_bytes(), table.stat().st_mtime_ns
+    link = area / "link.json"
+    link.symlink_to(area / "elsewhere.json")  # dangling: the file it names is written later
+    for fine in (table, link, area / "new" / "deeper" / "r.json"):
+        assert default_runs._unwritable(fine) is None
+    assert (table.read_bytes(), table.stat().st_mtime_ns) == before and link.is_symlink()
+    assert sorted(p.name for p in area.rglob("*")) == ["a_file", "link.json", "table.json"]
+
     monkeypatch.setattr(default_runs, "run_one", lambda name, seed, workdir: {
         "seed": seed, "seconds": 1.0, "top1_error": 0.01, "top5_error": 0.0, "best_top1_error": 0.01})
     assert default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(tmp_path / "new" / "r.json"),

@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def run_one(name: str, seed: int, workdir: pathlib.Path) -> dict:
 def _read(path: pathlib.Path) -> dict | None:
     """The results file at `path`, or None where there is none to read (missing, not JSON, no results)."""
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text()) if path.is_file() else None  # not a pipe: it would wait
     except (OSError, ValueError):
         return None
     return old if isinstance(old, dict) and isinstance(old.get("results"), dict) else None
@@ -271,22 +272,27 @@ def _check_file(data: dict) -> None:
 
 
 def _unwritable(out: pathlib.Path) -> str | None:
-    """Why results cannot be written to `out` (a folder, a folder that cannot be made, no
-    permission), or None: asked before any run, so that an hour of runs is not lost at the end."""
-    if out.is_dir():
-        return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
+    """Why results cannot be written to `out` (a folder, a path under a file, no permission), or
+    None: asked before any run, so that an hour of runs is not lost at the end. Neither `out`
+    nor a folder is made or changed: an existing file is opened to append nothing, a new one's
+    nearest existing folder takes a probe file of its own."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        target = out.resolve()  # where a symbolic link points
+        if target.is_dir():
+            return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
+        if target.exists():
+            if not target.is_file():
+                return f"--out {out} is not a regular file: choose another --out"
+            with target.open("a"):
+                return None
+        folder = next(p for p in target.parents if p.exists())
+        if not folder.is_dir():
+            return f"--out {out} lies under {folder}, a file, not a folder: choose another --out"
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".default_runs_probe_")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
-        return f"--out {out}: its folder cannot be made ({err.strerror}): choose another --out"
-    existed = out.exists()
-    try:
-        with out.open("a"):  # appends nothing to a file that is there
-            pass
-    except OSError as err:
-        return f"--out {out} cannot be written ({err.strerror}): choose another --out"
-    if not existed:
-        out.unlink()
+        return f"--out {out} cannot be written ({err.strerror or err}): choose another --out"
     return None
 
 
@@ -317,11 +323,11 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
         parser.error(f"{out} is not a default runs file ({type(err).__name__} {err}): rewrite it with "
                      "python -m tools.default_runs")
 
-    if why := _unwritable(out):
-        parser.error(why)
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
+    if why := _unwritable(out):
+        parser.error(why)
     try:
         _check_file(data)
     except NOT_RUNS as err:
@@ -418,6 +424,7 @@ def main(argv=None) -> int:
         data.update({"elsewhere": other} if (other := elsewhere(old, finished, same)) else {})
         if same:
             print(f"    {', '.join(sorted(same))}: the same results as before, digit for digit", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")  # after each experiment: a stopped run keeps them
     print(f"wrote {args.out}")
     publish(render(data), data, args.out)
