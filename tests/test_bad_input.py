@@ -270,3 +270,5 @@ def test_flax_shape_errors_are_read_in_either_wording(message):
     assert read("kernel", "/fc6", (256, 4096), (1024, 4096), (2, 99, 99, 3)).startswith(
         "AlexNet: parameter /fc6/kernel has shape (256, 4096) but these images of shape (2, 99, 99, 3) need "
         "(1024, 4096):")
+    assert read("my-scale.0", "/bn", (), (64,), (2, 32, 32, 3)).startswith(  # any name; a scalar
+        "AlexNet: parameter /bn/my-scale.0 has shape () but these images of shape (2, 32, 32, 3) need (64,):")

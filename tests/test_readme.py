@@ -1,6 +1,7 @@
 """The README opens with the two commands, and CI runs the second one verbatim."""
 
 import json
+import os
 import pathlib
 import re
 
@@ -247,38 +248,67 @@ def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys)
 
 
 def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    """`--out` that is a folder, under a file, or where no file can be made is a one-line error
-    (exit 2) before the first run, not an OSError traceback after all of them; the check makes,
-    changes and leaves behind nothing (an existing file, a symbolic link, a folder still to be
-    made), and a run then writes its file, making its folder."""
+    """`--out` that is a folder, under a file (through a symbolic link too), a pipe, a loop of
+    links or where no file can be made is a one-line error (exit 2) before the first run, not an
+    OSError traceback after all of them; the check makes, changes and leaves behind nothing (an
+    existing file, a link, a folder still to be made), and a run then writes the file it checked,
+    through a link into a folder still to be made, too."""
     from tools import default_runs
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
     area = tmp_path / "area"
     area.mkdir()
     (area / "a_file").write_text("")
+    (area / "into_a_file.json").symlink_to(area / "a_file" / "x.json")
+    (area / "loop.json").symlink_to(area / "loop.json")
+    os.mkfifo(area / "pipe")
     cases = [(area, "is a folder"), (area / "a_file" / "runs.json", "a file, not a folder"),
-             (area / ("x" * 300), "cannot be written (File name too long)")]
+             (area / "into_a_file.json", "a file, not a folder"), (area / "pipe", "is not a regular file"),
+             (area / "loop.json", "cannot be written"), (area / ("x" * 300), "cannot be written (File name too long)")]
     if pathlib.Path("/proc/self").exists():  # Linux: no file can be made there, even by root
         cases.append((pathlib.Path("/proc/cnn_jax_runs.json"), "cannot be written"))
     for out, why in cases:
         with pytest.raises(SystemExit) as exit_:
             default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(out)])
-        assert exit_.value.code == 2 and why in capsys.readouterr().err
-    assert sorted(p.name for p in area.rglob("*")) == ["a_file"]  # no probe left, no folder made
+        assert exit_.value.code == 2 and why in capsys.readouterr().err, out
 
     table = area / "table.json"
     table.write_text('{"results": {}}')
     before = table.read_bytes(), table.stat().st_mtime_ns
     link = area / "link.json"
     link.symlink_to(area / "elsewhere.json")  # dangling: the file it names is written later
+    listing = sorted(p.name for p in area.iterdir())
     for fine in (table, link, area / "new" / "deeper" / "r.json"):
         assert default_runs._unwritable(fine) is None
     assert (table.read_bytes(), table.stat().st_mtime_ns) == before and link.is_symlink()
-    assert sorted(p.name for p in area.rglob("*")) == ["a_file", "link.json", "table.json"]
+    assert sorted(p.name for p in area.iterdir()) == listing  # no probe left, no folder made
 
     monkeypatch.setattr(default_runs, "run_one", lambda name, seed, workdir: {
         "seed": seed, "seconds": 1.0, "top1_error": 0.01, "top5_error": 0.0, "best_top1_error": 0.01})
-    assert default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(tmp_path / "new" / "r.json"),
+    into_new = tmp_path / "into_new.json"
+    into_new.symlink_to(tmp_path / "new" / "r.json")  # a link into a folder the run makes
+    assert default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(into_new),
                               "--runs", str(tmp_path)]) == 0
-    assert json.loads((tmp_path / "new" / "r.json").read_text())["results"]["lenet"]["runs"][0]["seed"] == 0
+    assert json.loads(into_new.read_text())["results"]["lenet"]["runs"][0]["seed"] == 0 and into_new.is_symlink()
+
+
+def test_compare_checks_its_out_after_reading_it(tmp_path, monkeypatch, capsys):
+    """`--compare FILE --out TABLE`: a TABLE that cannot be written (stood in for: these tests
+    run as root) is refused in one line and left as it was; a pipe is not read, not waited on."""
+    from tools import default_runs
+
+    table, there = tmp_path / "table.json", tmp_path / "there.json"
+    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
+    for path, machine in ((table, "machine A, 2 cores, 2099-01-01"), (there, "machine B, 2 cores, 2099-01-02")):
+        path.write_text(json.dumps({"machine": machine, "results": {"lenet": {"config": config,
+                                                                             "runs": runs_of([0.04])}}}))
+    before = table.read_text()
+    monkeypatch.setattr(default_runs, "_unwritable", lambda out: f"--out {out} cannot be written (stand-in)")
+    with pytest.raises(SystemExit) as exit_:
+        default_runs.main(["--compare", str(there), "--out", str(table)])
+    assert exit_.value.code == 2 and "cannot be written (stand-in)" in capsys.readouterr().err
+    assert table.read_text() == before
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as exit_:
+        default_runs.main(["--compare", str(there), "--out", str(tmp_path / "pipe")])
+    assert exit_.value.code == 2 and "holds no default runs" in capsys.readouterr().err

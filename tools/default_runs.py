@@ -23,6 +23,7 @@ cores for all five at 5 seeds (40 on a faster CPU of the same name).
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib.metadata
 import json
@@ -271,26 +272,36 @@ def _check_file(data: dict) -> None:
     render(data)
 
 
+def _destination(out: pathlib.Path) -> pathlib.Path:
+    """The file `out` names, symbolic links and '..' resolved: what is checked is what is written.
+    OSError where it names none (a loop of links)."""
+    try:
+        target = out.resolve()
+    except RuntimeError as err:  # Python before 3.13 reports a loop of links so
+        raise OSError(errno.ELOOP, str(err)) from None
+    if target.is_symlink():  # and 3.13 leaves it unresolved
+        raise OSError(errno.ELOOP, "a loop of symbolic links")
+    return target
+
+
 def _unwritable(out: pathlib.Path) -> str | None:
     """Why results cannot be written to `out` (a folder, a path under a file, no permission), or
-    None: asked before any run, so that an hour of runs is not lost at the end. Neither `out`
-    nor a folder is made or changed: an existing file is opened to append nothing, a new one's
-    nearest existing folder takes a probe file of its own."""
+    None: asked before any run, so that an hour of runs is not lost at the end. Nothing is made
+    or changed: an existing file is opened for writing without being created or written, and a
+    new one's nearest existing folder takes a nameless temporary file."""
     try:
-        target = out.resolve()  # where a symbolic link points
+        target = _destination(out)
         if target.is_dir():
             return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
         if target.exists():
             if not target.is_file():
                 return f"--out {out} is not a regular file: choose another --out"
-            with target.open("a"):
-                return None
+            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # no O_CREAT: makes none
+            return None
         folder = next(p for p in target.parents if p.exists())
         if not folder.is_dir():
             return f"--out {out} lies under {folder}, a file, not a folder: choose another --out"
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".default_runs_probe_")
-        os.close(fd)
-        os.unlink(probe)
+        tempfile.TemporaryFile(dir=folder).close()  # Linux: O_TMPFILE, no name ever in the folder
     except OSError as err:
         return f"--out {out} cannot be written ({err.strerror or err}): choose another --out"
     return None
@@ -385,7 +396,8 @@ def main(argv=None) -> int:
                      else "--seeds must be at least 1")
     if why := _unwritable(args.out):
         parser.error(why)
-    default_out = args.out.resolve() == DEFAULT_OUT.resolve()
+    args.out = _destination(args.out)  # the file checked is the file written
+    default_out = args.out == DEFAULT_OUT.resolve()
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None
