@@ -253,7 +253,7 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     OSError traceback after all of them; the check makes, changes and leaves behind nothing (an
     existing file, a link, a folder still to be made), and a run then writes the file it checked,
     through a link into a folder still to be made, too."""
-    from tools import default_runs
+    from tools import default_runs, gradient_report
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
     area = tmp_path / "area"
@@ -271,6 +271,9 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
         with pytest.raises(SystemExit) as exit_:
             default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(out)])
         assert exit_.value.code == 2 and why in capsys.readouterr().err, out
+    with pytest.raises(SystemExit) as exit_:  # the gradient report asks the same before measuring
+        gradient_report.main(["--families", "lenet5", "--out", str(area)])
+    assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
 
     table = area / "table.json"
     table.write_text('{"results": {}}')
@@ -279,7 +282,7 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     link.symlink_to(area / "elsewhere.json")  # dangling: the file it names is written later
     listing = sorted(p.name for p in area.iterdir())
     for fine in (table, link, area / "new" / "deeper" / "r.json"):
-        assert default_runs._unwritable(fine) is None
+        assert default_runs.unwritable(fine) is None
     assert (table.read_bytes(), table.stat().st_mtime_ns) == before and link.is_symlink()
     assert sorted(p.name for p in area.iterdir()) == listing  # no probe left, no folder made
 
@@ -303,7 +306,7 @@ def test_compare_checks_its_out_after_reading_it(tmp_path, monkeypatch, capsys):
         path.write_text(json.dumps({"machine": machine, "results": {"lenet": {"config": config,
                                                                              "runs": runs_of([0.04])}}}))
     before = table.read_text()
-    monkeypatch.setattr(default_runs, "_unwritable", lambda out: f"--out {out} cannot be written (stand-in)")
+    monkeypatch.setattr(default_runs, "unwritable", lambda out: f"--out {out} cannot be written (stand-in)")
     with pytest.raises(SystemExit) as exit_:
         default_runs.main(["--compare", str(there), "--out", str(table)])
     assert exit_.value.code == 2 and "cannot be written (stand-in)" in capsys.readouterr().err

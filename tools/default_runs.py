@@ -272,7 +272,7 @@ def _check_file(data: dict) -> None:
     render(data)
 
 
-def _destination(out: pathlib.Path) -> pathlib.Path:
+def destination(out: pathlib.Path) -> pathlib.Path:
     """The file `out` names, symbolic links and '..' resolved: what is checked is what is written.
     OSError where it names none (a loop of links)."""
     try:
@@ -284,13 +284,13 @@ def _destination(out: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def _unwritable(out: pathlib.Path) -> str | None:
+def unwritable(out: pathlib.Path) -> str | None:
     """Why results cannot be written to `out` (a folder, a path under a file, no permission), or
     None: asked before any run, so that an hour of runs is not lost at the end. Nothing is made
     or changed: an existing file is opened for writing without being created or written, and a
     new one's nearest existing folder takes a nameless temporary file."""
     try:
-        target = _destination(out)
+        target = destination(out)
         if target.is_dir():
             return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
         if target.exists():
@@ -337,7 +337,7 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
-    if why := _unwritable(out):
+    if why := unwritable(out):
         parser.error(why)
     try:
         _check_file(data)
@@ -394,9 +394,9 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
-    if why := _unwritable(args.out):
+    if why := unwritable(args.out):
         parser.error(why)
-    args.out = _destination(args.out)  # the file checked is the file written
+    args.out = destination(args.out)  # the file checked is the file written
     default_out = args.out == DEFAULT_OUT.resolve()
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")

@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 from experiments.reproductions import rewrite  # noqa: E402
 from tests import test_gradients as tg  # noqa: E402
-from tools.default_runs import machine as describe_machine  # noqa: E402
+from tools.default_runs import destination, machine as describe_machine, unwritable  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "gradients.json"
@@ -93,6 +93,9 @@ def main(argv=None):
     if set(names) != set(tg.SPECS) and args.out.resolve() == DEFAULT_OUT.resolve():
         parser.error(f"--families {args.families}: {DEFAULT_OUT.relative_to(ROOT)} holds every family; "
                      "write some elsewhere with --out")
+    if why := unwritable(args.out):  # before minutes of measuring, not after
+        parser.error(why)
+    args.out = destination(args.out)  # the file checked is the file written
     torch = importlib.util.find_spec("torch") and importlib.metadata.version("torch")
     machine = f"{describe_machine(dated=False)}, {f'torch {torch}' if torch else 'without torch'}, {time.strftime('%Y-%m-%d')}"
     print(machine, flush=True)
