@@ -253,7 +253,7 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     OSError traceback after all of them; the check makes, changes and leaves behind nothing (an
     existing file, a link, a folder still to be made), and a run then writes the file it checked,
     through a link into a folder still to be made, too."""
-    from tools import default_runs, gradient_report
+    from tools import default_runs, gradient_report, outputs
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
     area = tmp_path / "area"
@@ -271,9 +271,10 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
         with pytest.raises(SystemExit) as exit_:
             default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(out)])
         assert exit_.value.code == 2 and why in capsys.readouterr().err, out
-    with pytest.raises(SystemExit) as exit_:  # the gradient report asks the same before measuring
-        gradient_report.main(["--families", "lenet5", "--out", str(area)])
-    assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
+    for out, why in ((area, "is a folder"), (area / "loop.json", "cannot be written")):
+        with pytest.raises(SystemExit) as exit_:  # the gradient report asks the same before measuring
+            gradient_report.main(["--families", "lenet5", "--out", str(out)])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
 
     table = area / "table.json"
     table.write_text('{"results": {}}')
@@ -282,7 +283,7 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     link.symlink_to(area / "elsewhere.json")  # dangling: the file it names is written later
     listing = sorted(p.name for p in area.iterdir())
     for fine in (table, link, area / "new" / "deeper" / "r.json"):
-        assert default_runs.unwritable(fine) is None
+        assert outputs.unwritable(fine) is None
     assert (table.read_bytes(), table.stat().st_mtime_ns) == before and link.is_symlink()
     assert sorted(p.name for p in area.iterdir()) == listing  # no probe left, no folder made
 
@@ -293,6 +294,38 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     assert default_runs.main(["--experiments", "lenet", "--seeds", "1", "--out", str(into_new),
                               "--runs", str(tmp_path)]) == 0
     assert json.loads(into_new.read_text())["results"]["lenet"]["runs"][0]["seed"] == 0 and into_new.is_symlink()
+
+
+def test_a_readme_that_cannot_take_the_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    """With the default --out both tools rewrite the README's table at the end: a README
+    without the table's markers, or none at all, is a one-line error (exit 2) before the first
+    run or measurement, not a traceback after them, and the README is left as it was."""
+    from tools import default_runs, gradient_report
+
+    monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
+    monkeypatch.setattr(gradient_report, "measure", lambda *_: pytest.fail("a measurement started"))
+    readme, there = tmp_path / "README.md", tmp_path / "there.json"
+    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
+    results = {n: {"config": config, "runs": runs_of([0.04])} for n in default_runs.EXPERIMENTS}
+    (tmp_path / "runs.json").write_text(json.dumps({"machine": "machine A, 2 cores, 2099-01-01", "results": results}))
+    there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02", "results": results}))
+    for tool, out in ((default_runs, "runs.json"), (gradient_report, "gradients.json")):
+        monkeypatch.setattr(tool, "DEFAULT_OUT", tmp_path / out)
+        monkeypatch.setattr(tool, "README", readme)
+    calls = [lambda: default_runs.main([]), lambda: default_runs.main(["--compare", str(there)]),
+             lambda: gradient_report.main([])]
+    for text, why in [(None, "README.md cannot be rewritten (No such file or directory)"),
+                      ("# cnn_jax\n\nno table here\n", "README.md has no <!-- ")]:
+        if text is not None:
+            readme.write_text(text)
+        for call in calls:
+            with pytest.raises(SystemExit) as exit_:
+                call()
+            assert exit_.value.code == 2 and why in capsys.readouterr().err
+            assert (readme.read_text() if readme.exists() else None) == text  # made or changed nothing
+    readme.write_text(f"# cnn_jax\n{default_runs.BEGIN}\nold\n{default_runs.END}\n")  # markers: the table goes in
+    assert default_runs.main(["--compare", str(there)]) == 0
+    assert default_runs.render(json.loads((tmp_path / "runs.json").read_text())) in readme.read_text()
 
 
 def test_compare_checks_its_out_after_reading_it(tmp_path, monkeypatch, capsys):

@@ -23,7 +23,6 @@ cores for all five at 5 seeds (40 on a faster CPU of the same name).
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import importlib.metadata
 import json
@@ -36,14 +35,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from tools.outputs import destination, readme_unwritable, unwritable, write_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("alexnet", "lenet", "resnet", "vgg", "googlenet")
 SEEDS = 5
 BEGIN, END = "<!-- default runs: begin -->", "<!-- default runs: end -->"
 DEFAULT_OUT, RUNS = ROOT / "docs" / "default_runs.json", ROOT / "runs" / "default_runs"
+README = ROOT / "README.md"
 
 
 def machine(dated: bool = True) -> str:
@@ -272,41 +273,6 @@ def _check_file(data: dict) -> None:
     render(data)
 
 
-def destination(out: pathlib.Path) -> pathlib.Path:
-    """The file `out` names, symbolic links and '..' resolved: what is checked is what is written.
-    OSError where it names none (a loop of links)."""
-    try:
-        target = out.resolve()
-    except RuntimeError as err:  # Python before 3.13 reports a loop of links so
-        raise OSError(errno.ELOOP, str(err)) from None
-    if target.is_symlink():  # and 3.13 leaves it unresolved
-        raise OSError(errno.ELOOP, "a loop of symbolic links")
-    return target
-
-
-def unwritable(out: pathlib.Path) -> str | None:
-    """Why results cannot be written to `out` (a folder, a path under a file, no permission), or
-    None: asked before any run, so that an hour of runs is not lost at the end. Nothing is made
-    or changed: an existing file is opened for writing without being created or written, and a
-    new one's nearest existing folder takes a nameless temporary file."""
-    try:
-        target = destination(out)
-        if target.is_dir():
-            return f"--out {out} is a folder: name a file in it, e.g. --out {out / 'runs.json'}"
-        if target.exists():
-            if not target.is_file():
-                return f"--out {out} is not a regular file: choose another --out"
-            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # no O_CREAT: makes none
-            return None
-        folder = next(p for p in target.parents if p.exists())
-        if not folder.is_dir():
-            return f"--out {out} lies under {folder}, a file, not a folder: choose another --out"
-        tempfile.TemporaryFile(dir=folder).close()  # Linux: O_TMPFILE, no name ever in the folder
-    except OSError as err:
-        return f"--out {out} cannot be written ({err.strerror or err}): choose another --out"
-    return None
-
-
 def _number(value) -> bool:
     """A finite int or float: not a bool, NaN, infinity, or an int too large for a float."""
     try:
@@ -337,7 +303,7 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
-    if why := unwritable(out):
+    if why := unwritable(out) or (_is_default(out) and readme_unwritable(README, BEGIN, END)):
         parser.error(why)
     try:
         _check_file(data)
@@ -360,16 +326,18 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
 def publish(table: str, data: dict, out: pathlib.Path) -> None:
     """Prints the rendered `table`, and writes it into the README when `out` is the README's
     data and holds every experiment."""
-    if out.resolve() == DEFAULT_OUT.resolve() and set(data["results"]) == set(EXPERIMENTS):
+    if _is_default(out) and set(data["results"]) == set(EXPERIMENTS):
         write_readme(table)
     print(table)
 
 
 def write_readme(table: str) -> None:
-    from experiments.reproductions import rewrite
+    write_table(README, table, BEGIN, END)
 
-    (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", table, BEGIN, END))
-    print("wrote the table to README.md")
+
+def _is_default(out: pathlib.Path) -> bool:
+    """Whether `out` is the README's data, whose table goes into the README."""
+    return out.resolve() == DEFAULT_OUT.resolve()
 
 
 def main(argv=None) -> int:
@@ -394,10 +362,10 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
-    if why := unwritable(args.out):
+    if why := unwritable(args.out) or (_is_default(args.out) and readme_unwritable(README, BEGIN, END)):
         parser.error(why)
     args.out = destination(args.out)  # the file checked is the file written
-    default_out = args.out == DEFAULT_OUT.resolve()
+    default_out = _is_default(args.out)
     if default_out and args.seeds != SEEDS:
         parser.error(f"the README's data has {SEEDS} seeds: pass --out for fewer, e.g. --out /tmp/{names[0]}.json")
     old = _read(args.out) if default_out else None

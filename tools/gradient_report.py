@@ -24,12 +24,12 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
-from experiments.reproductions import rewrite  # noqa: E402
 from tests import test_gradients as tg  # noqa: E402
-from tools.default_runs import destination, machine as describe_machine, unwritable  # noqa: E402
+from tools.default_runs import machine as describe_machine  # noqa: E402
+from tools.outputs import destination, readme_unwritable, unwritable, write_table  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "docs" / "gradients.json"
+DEFAULT_OUT, README = ROOT / "docs" / "gradients.json", ROOT / "README.md"
 BEGIN, END = "<!-- gradients: begin -->", "<!-- gradients: end -->"
 COLUMNS = {"ties": "float64, weights moved 1e-6", "jit_runner": "jit runner", "pmap_runner": "pmap runner", "own_jit": "plain `jax.jit`",
            "tower_mesh": "two-tower mesh", "pytorch_float32": "float32 PyTorch"}
@@ -90,12 +90,15 @@ def main(argv=None):
     unknown = sorted(set(names) - set(tg.SPECS))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(tg.SPECS)}")
-    if set(names) != set(tg.SPECS) and args.out.resolve() == DEFAULT_OUT.resolve():
-        parser.error(f"--families {args.families}: {DEFAULT_OUT.relative_to(ROOT)} holds every family; "
-                     "write some elsewhere with --out")
     if why := unwritable(args.out):  # before minutes of measuring, not after
         parser.error(why)
     args.out = destination(args.out)  # the file checked is the file written
+    to_readme = args.out == DEFAULT_OUT.resolve()
+    if to_readme and set(names) != set(tg.SPECS):
+        parser.error(f"--families {args.families}: {DEFAULT_OUT.relative_to(ROOT)} holds every family; "
+                     "write some elsewhere with --out")
+    if to_readme and (why := readme_unwritable(README, BEGIN, END)):
+        parser.error(why)
     torch = importlib.util.find_spec("torch") and importlib.metadata.version("torch")
     machine = f"{describe_machine(dated=False)}, {f'torch {torch}' if torch else 'without torch'}, {time.strftime('%Y-%m-%d')}"
     print(machine, flush=True)
@@ -109,9 +112,8 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {args.out}")
-    if args.out.resolve() == DEFAULT_OUT.resolve():
-        (ROOT / "README.md").write_text(rewrite(ROOT / "README.md", render(data), BEGIN, END))
-        print("wrote the table to README.md")
+    if to_readme:
+        write_table(README, render(data), BEGIN, END)
 
 
 if __name__ == "__main__":
