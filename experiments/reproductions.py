@@ -63,10 +63,10 @@ def render(docs: pathlib.Path, image_prefix: str = "docs/reproductions/") -> str
 
 def rewrite(readme: pathlib.Path, table: str, begin: str = BEGIN, end: str = END) -> str:
     """The README's text with `table` between the markers `begin` and `end`."""
-    text = readme.read_text()
-    if begin not in text or end not in text:
+    text = readme.read_text(encoding="utf-8")
+    head, _, rest = text.partition(begin)
+    if end not in rest:  # no markers, or the end before the beginning
         raise ValueError(f"{readme} has no {begin} ... {end} markers: add them where the table goes")
-    head, rest = text.split(begin, 1)
     return f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}"
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         print("README.md's reproductions table is " + ("up to date" if current else
               "out of date: run python -m experiments.reproductions"))
         return 0 if current else 1
-    args.readme.write_text(text)
+    args.readme.write_text(text, encoding="utf-8")
     print(f"wrote the table to {args.readme}")
     return 0
 

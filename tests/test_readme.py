@@ -80,6 +80,13 @@ def test_default_runs_keep_only_comparable_results_elsewhere():
         {"machine": there, "results": {n: r for n, r in results.items() if n != "vgg"}}]
 
 
+def record(machine: str, top1: list[float], names=("lenet",), **fields) -> str:
+    """A default runs file: `names` each with LeNet-5's columns and runs ending at `top1`."""
+    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
+    return json.dumps({"machine": machine, "results": {n: {"config": config, "runs": runs_of(top1), **fields}
+                                                       for n in names}})
+
+
 def runs_of(top1: list[float], seconds: float = 9.0) -> list[dict]:
     """Seeds 0, 1, ...'s records as `tools.default_runs.run_one` writes them, each final error
     also its run's best evaluation."""
@@ -186,12 +193,6 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
     that leaves TABLE as it was."""
     from tools import default_runs
 
-    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
-
-    def record(machine, top1, **fields):
-        entry = {"config": config, "runs": runs_of(top1), **fields}
-        return json.dumps({"machine": machine, "results": {"lenet": entry}})
-
     table, there = tmp_path / "table.json", tmp_path / "there.json"
     good_table = record("machine A, 2 cores, 2099-01-01", [0.04, 0.05])
     good_there = record("machine B, 2 cores, 2099-01-02", [0.045, 0.06])
@@ -220,6 +221,7 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
     assert "`lenet` 5.2% [4.5%–6.0%] (1 of 2 seeds inside the range above), 9 s." in capsys.readouterr().out
     rewritten = []
     monkeypatch.setattr(default_runs, "DEFAULT_OUT", table)  # the default TABLE, but with one experiment
+    monkeypatch.setattr(default_runs, "README", readme_copy(tmp_path))
     monkeypatch.setattr(default_runs, "write_readme", rewritten.append)
     assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0 and rewritten == []
     full = {**json.loads(table.read_text()), "results": {n: json.loads(good_table)["results"]["lenet"]
@@ -227,6 +229,13 @@ def test_compare_writes_its_file_or_names_the_problem_in_one_line(tmp_path, monk
     table.write_text(json.dumps(full))  # every experiment in the default TABLE: the README is rewritten
     assert default_runs.main(["--compare", str(there), "--out", str(table)]) == 0
     assert rewritten == [default_runs.render(json.loads(table.read_text()))]
+
+
+def readme_copy(folder: pathlib.Path) -> pathlib.Path:
+    """The README, where a tool may check or rewrite it without touching the repository's."""
+    copy = folder / "README.md"
+    copy.write_bytes((ROOT / "README.md").read_bytes())
+    return copy
 
 
 def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
@@ -237,6 +246,7 @@ def test_a_broken_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys)
 
     table = tmp_path / "table.json"
     monkeypatch.setattr(default_runs, "DEFAULT_OUT", table)
+    monkeypatch.setattr(default_runs, "README", readme_copy(tmp_path))
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
     for runs, why in [(runs_of([0.04], seconds=float("inf")), "ValueError its 'lenet' has no runs"),
                       (runs_of([0.04]), "KeyError 'model'")]:  # a config without the table's columns
@@ -256,6 +266,7 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     from tools import default_runs, gradient_report, outputs
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
+    monkeypatch.setattr(gradient_report, "measure", lambda *_: pytest.fail("a measurement started"))
     area = tmp_path / "area"
     area.mkdir()
     (area / "a_file").write_text("")
@@ -264,7 +275,8 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
     os.mkfifo(area / "pipe")
     cases = [(area, "is a folder"), (area / "a_file" / "runs.json", "a file, not a folder"),
              (area / "into_a_file.json", "a file, not a folder"), (area / "pipe", "is not a regular file"),
-             (area / "loop.json", "cannot be written"), (area / ("x" * 300), "cannot be written (File name too long)")]
+             (area / "loop.json", "cannot be written"), (area / "loop.json" / "x.json", "cannot be written"),
+             (area / ("x" * 300), "cannot be written (File name too long)")]
     if pathlib.Path("/proc/self").exists():  # Linux: no file can be made there, even by root
         cases.append((pathlib.Path("/proc/cnn_jax_runs.json"), "cannot be written"))
     for out, why in cases:
@@ -305,27 +317,31 @@ def test_a_readme_that_cannot_take_the_table_is_refused_before_any_run(tmp_path,
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
     monkeypatch.setattr(gradient_report, "measure", lambda *_: pytest.fail("a measurement started"))
     readme, there = tmp_path / "README.md", tmp_path / "there.json"
-    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
-    results = {n: {"config": config, "runs": runs_of([0.04])} for n in default_runs.EXPERIMENTS}
-    (tmp_path / "runs.json").write_text(json.dumps({"machine": "machine A, 2 cores, 2099-01-01", "results": results}))
-    there.write_text(json.dumps({"machine": "machine B, 2 cores, 2099-01-02", "results": results}))
+    (tmp_path / "runs.json").write_text(record("machine A, 2 cores, 2099-01-01", [0.04], default_runs.EXPERIMENTS))
+    there.write_text(record("machine B, 2 cores, 2099-01-02", [0.04], default_runs.EXPERIMENTS))
     for tool, out in ((default_runs, "runs.json"), (gradient_report, "gradients.json")):
         monkeypatch.setattr(tool, "DEFAULT_OUT", tmp_path / out)
         monkeypatch.setattr(tool, "README", readme)
     calls = [lambda: default_runs.main([]), lambda: default_runs.main(["--compare", str(there)]),
              lambda: gradient_report.main([])]
-    for text, why in [(None, "README.md cannot be rewritten (No such file or directory)"),
-                      ("# cnn_jax\n\nno table here\n", "README.md has no <!-- ")]:
+    begin, end = default_runs.BEGIN, default_runs.END
+    for text, why in [(None, "README.md cannot take the table (No such file or directory)"),
+                      (b"# cnn_jax\n\nno table here\n", "README.md has no <!-- "),
+                      (f"{end}\nold\n{begin}\n".encode(), "README.md has no <!-- "),  # out of order
+                      (b"# cnn_jax \xff\n", "can't decode byte 0xff")]:
         if text is not None:
-            readme.write_text(text)
+            readme.write_bytes(text)
         for call in calls:
             with pytest.raises(SystemExit) as exit_:
                 call()
             assert exit_.value.code == 2 and why in capsys.readouterr().err
-            assert (readme.read_text() if readme.exists() else None) == text  # made or changed nothing
-    readme.write_text(f"# cnn_jax\n{default_runs.BEGIN}\nold\n{default_runs.END}\n")  # markers: the table goes in
+            assert (readme.read_bytes() if readme.exists() else None) == text  # made or changed nothing
+    readme.write_text(f"# cnn_jax\n{begin}\nold\n{end}\n")  # markers: the table goes in
     assert default_runs.main(["--compare", str(there)]) == 0
     assert default_runs.render(json.loads((tmp_path / "runs.json").read_text())) in readme.read_text()
+    readme.unlink()  # gone after the check: one line that says where the results are, no traceback
+    with pytest.raises(SystemExit, match=f"README.md was not rewritten .+ kept in {tmp_path / 'runs.json'}$"):
+        default_runs.write_readme("table")
 
 
 def test_compare_checks_its_out_after_reading_it(tmp_path, monkeypatch, capsys):
@@ -334,12 +350,10 @@ def test_compare_checks_its_out_after_reading_it(tmp_path, monkeypatch, capsys):
     from tools import default_runs
 
     table, there = tmp_path / "table.json", tmp_path / "there.json"
-    config = {"model": "lenet5", "input": 32, "channels": 1, "epochs": 10.0, "batch": 32}
     for path, machine in ((table, "machine A, 2 cores, 2099-01-01"), (there, "machine B, 2 cores, 2099-01-02")):
-        path.write_text(json.dumps({"machine": machine, "results": {"lenet": {"config": config,
-                                                                             "runs": runs_of([0.04])}}}))
+        path.write_text(record(machine, [0.04]))
     before = table.read_text()
-    monkeypatch.setattr(default_runs, "unwritable", lambda out: f"--out {out} cannot be written (stand-in)")
+    monkeypatch.setattr(default_runs, "refusal", lambda out, *_: f"--out {out} cannot be written (stand-in)")
     with pytest.raises(SystemExit) as exit_:
         default_runs.main(["--compare", str(there), "--out", str(table)])
     assert exit_.value.code == 2 and "cannot be written (stand-in)" in capsys.readouterr().err

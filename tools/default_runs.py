@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from tools.outputs import destination, readme_unwritable, unwritable, write_table
+from tools.outputs import destination, refusal, write_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("alexnet", "lenet", "resnet", "vgg", "googlenet")
@@ -303,7 +303,7 @@ def add_comparison(parser: argparse.ArgumentParser, there: pathlib.Path, out: pa
     data, other = _read(out), _read(there)
     if data is None or other is None:
         parser.error(f"{out if data is None else there} holds no default runs: write it with python -m tools.default_runs")
-    if why := unwritable(out) or (_is_default(out) and readme_unwritable(README, BEGIN, END)):
+    if why := refusal(out, DEFAULT_OUT, README, BEGIN, END):
         parser.error(why)
     try:
         _check_file(data)
@@ -332,7 +332,7 @@ def publish(table: str, data: dict, out: pathlib.Path) -> None:
 
 
 def write_readme(table: str) -> None:
-    write_table(README, table, BEGIN, END)
+    write_table(README, table, BEGIN, END, kept=DEFAULT_OUT)
 
 
 def _is_default(out: pathlib.Path) -> bool:
@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     if unknown or args.seeds < 1:
         parser.error(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}" if unknown
                      else "--seeds must be at least 1")
-    if why := unwritable(args.out) or (_is_default(args.out) and readme_unwritable(README, BEGIN, END)):
+    if why := refusal(args.out, DEFAULT_OUT, README, BEGIN, END):
         parser.error(why)
     args.out = destination(args.out)  # the file checked is the file written
     default_out = _is_default(args.out)

@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 from tests import test_gradients as tg  # noqa: E402
 from tools.default_runs import machine as describe_machine  # noqa: E402
-from tools.outputs import destination, readme_unwritable, unwritable, write_table  # noqa: E402
+from tools.outputs import destination, refusal, write_table  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT, README = ROOT / "docs" / "gradients.json", ROOT / "README.md"
@@ -90,15 +90,13 @@ def main(argv=None):
     unknown = sorted(set(names) - set(tg.SPECS))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(tg.SPECS)}")
-    if why := unwritable(args.out):  # before minutes of measuring, not after
+    if why := refusal(args.out, DEFAULT_OUT, README, BEGIN, END):  # before minutes of measuring, not after
         parser.error(why)
     args.out = destination(args.out)  # the file checked is the file written
     to_readme = args.out == DEFAULT_OUT.resolve()
     if to_readme and set(names) != set(tg.SPECS):
         parser.error(f"--families {args.families}: {DEFAULT_OUT.relative_to(ROOT)} holds every family; "
                      "write some elsewhere with --out")
-    if to_readme and (why := readme_unwritable(README, BEGIN, END)):
-        parser.error(why)
     torch = importlib.util.find_spec("torch") and importlib.metadata.version("torch")
     machine = f"{describe_machine(dated=False)}, {f'torch {torch}' if torch else 'without torch'}, {time.strftime('%Y-%m-%d')}"
     print(machine, flush=True)
@@ -113,7 +111,7 @@ def main(argv=None):
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {args.out}")
     if to_readme:
-        write_table(README, render(data), BEGIN, END)
+        write_table(README, render(data), BEGIN, END, kept=args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import sys
 import tempfile
 
 from experiments.reproductions import rewrite
@@ -13,14 +14,22 @@ from experiments.reproductions import rewrite
 
 def destination(out: pathlib.Path) -> pathlib.Path:
     """The file `out` names, symbolic links and '..' resolved: what is checked is what is written.
-    OSError where it names none (a loop of links)."""
+    OSError where it names none (a loop of links, anywhere in the path)."""
     try:
         target = out.resolve()
     except RuntimeError as err:  # Python before 3.13 reports a loop of links so
         raise OSError(errno.ELOOP, str(err)) from None
-    if target.is_symlink():  # and 3.13 leaves it unresolved
-        raise OSError(errno.ELOOP, "a loop of symbolic links")
+    try:
+        target.stat()  # 3.13 leaves a loop unresolved, and resolve() does not say so
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a loop of symbolic links") from None
     return target
+
+
+def _open_without_creating(path: pathlib.Path) -> None:
+    """Raises what writing `path` would (permissions, a read-only disk), yet makes and writes nothing."""
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # no O_CREAT
 
 
 def unwritable(out: pathlib.Path) -> str | None:
@@ -35,7 +44,7 @@ def unwritable(out: pathlib.Path) -> str | None:
         if target.exists():
             if not target.is_file():
                 return f"--out {out} is not a regular file: choose another --out"
-            os.close(os.open(target, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # no O_CREAT: makes none
+            _open_without_creating(target)
             return None
         folder = next(p for p in target.parents if p.exists())
         if not folder.is_dir():
@@ -48,17 +57,29 @@ def unwritable(out: pathlib.Path) -> str | None:
 
 def readme_unwritable(readme: pathlib.Path, begin: str, end: str) -> str | None:
     """Why the table between `begin` and `end` could not be rewritten into `readme` (not
-    writable, its markers gone), or None; like `unwritable`, it changes nothing."""
+    readable text, not writable, its markers gone or out of order), or None; changes nothing."""
     try:
-        text = readme.read_text()
-        os.close(os.open(readme, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
-    except OSError as err:
-        return f"{readme} cannot be rewritten ({err.strerror or err}): make it writable, or pass --out elsewhere"
-    if begin not in text or end not in text:
-        return f"{readme} has no {begin} ... {end} markers: restore them around the table, or pass --out elsewhere"
+        rewrite(readme, "", begin, end)
+        _open_without_creating(readme)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        return f"{readme} cannot take the table ({getattr(err, 'strerror', None) or err}): fix it, or pass --out elsewhere"
     return None
 
 
-def write_table(readme: pathlib.Path, table: str, begin: str, end: str) -> None:
-    readme.write_text(rewrite(readme, table, begin, end))
+def refusal(out: pathlib.Path, default_out: pathlib.Path, readme: pathlib.Path, begin: str, end: str) -> str | None:
+    """Why `out` cannot be written, or, where `out` is the README's data, the README's table
+    rewritten; None when both can."""
+    if why := unwritable(out):
+        return why
+    return readme_unwritable(readme, begin, end) if destination(out) == default_out.resolve() else None
+
+
+def write_table(readme: pathlib.Path, table: str, begin: str, end: str, kept: pathlib.Path) -> None:
+    """Rewrites the README's table; if the README changed since it was checked, one line that
+    says where the results are kept, not a traceback."""
+    try:
+        readme.write_text(rewrite(readme, table, begin, end), encoding="utf-8")
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {readme} was not rewritten ({getattr(err, 'strerror', None) or err}); "
+                 f"the results are kept in {kept}")
     print(f"wrote the table to {readme.name}")
