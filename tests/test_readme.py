@@ -309,9 +309,10 @@ def test_an_unwritable_out_is_refused_before_any_run(tmp_path, monkeypatch, caps
 
 
 def test_a_readme_that_cannot_take_the_table_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
-    """With the default --out both tools rewrite the README's table at the end: a README
-    without the table's markers, or none at all, is a one-line error (exit 2) before the first
-    run or measurement, not a traceback after them, and the README is left as it was."""
+    """With the default --out both tools rewrite the README's table at the end: no README, one
+    without the table's markers or with them out of order, or one that is not UTF-8 is a
+    one-line error (exit 2) before the first run or measurement, not a traceback after them, and
+    the README is left as it was; one gone by the end is one line that names the results' file."""
     from tools import default_runs, gradient_report
 
     monkeypatch.setattr(default_runs, "run_one", lambda *_: pytest.fail("a run started"))
