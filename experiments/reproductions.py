@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.check:
-        current = args.readme.read_text() == text
+        current = args.readme.read_text(encoding="utf-8") == text
         print("README.md's reproductions table is " + ("up to date" if current else
               "out of date: run python -m experiments.reproductions"))
         return 0 if current else 1

@@ -27,6 +27,11 @@ def destination(out: pathlib.Path) -> pathlib.Path:
     return target
 
 
+def _reason(err: Exception) -> str:
+    """An error's reason in a few words: the system's for an OSError, else its message."""
+    return getattr(err, "strerror", None) or str(err)
+
+
 def _open_without_creating(path: pathlib.Path) -> None:
     """Raises what writing `path` would (permissions, a read-only disk), yet makes and writes nothing."""
     os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))  # no O_CREAT
@@ -51,7 +56,7 @@ def unwritable(out: pathlib.Path) -> str | None:
             return f"--out {out} lies under {folder}, a file, not a folder: choose another --out"
         tempfile.TemporaryFile(dir=folder).close()  # Linux: O_TMPFILE, no name ever in the folder
     except OSError as err:
-        return f"--out {out} cannot be written ({err.strerror or err}): choose another --out"
+        return f"--out {out} cannot be written ({_reason(err)}): choose another --out"
     return None
 
 
@@ -62,7 +67,7 @@ def readme_unwritable(readme: pathlib.Path, begin: str, end: str) -> str | None:
         rewrite(readme, "", begin, end)
         _open_without_creating(readme)
     except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
-        return f"{readme} cannot take the table ({getattr(err, 'strerror', None) or err}): fix it, or pass --out elsewhere"
+        return f"{readme} cannot take the table ({_reason(err)}): fix it, or pass --out elsewhere"
     return None
 
 
@@ -80,6 +85,6 @@ def write_table(readme: pathlib.Path, table: str, begin: str, end: str, kept: pa
     try:
         readme.write_text(rewrite(readme, table, begin, end), encoding="utf-8")
     except (OSError, ValueError) as err:
-        sys.exit(f"error: {readme} was not rewritten ({getattr(err, 'strerror', None) or err}); "
+        sys.exit(f"error: {readme} was not rewritten ({_reason(err)}); "
                  f"the results are kept in {kept}")
     print(f"wrote the table to {readme.name}")
